@@ -1,0 +1,169 @@
+"""Configuration dataclasses only. One tree, `EvalConfig`, set from the command line by dotted
+flags (`--env.suite=libero_object --decode.acceptance=threshold:0.9`). Protocol values default
+from `protocol.py`; the whole tree goes into the run manifest.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rsd_ray.protocol import (
+    CHUNK_STEPS, MAX_STEPS, NOOP_ACTION, NUM_INIT_STATES, NUM_RFSQ_LAYERS, NUM_WAIT_STEPS,
+    POLICY_IMAGE_SIZE, RENDER_SIZE, SUITES, check_suite,
+)
+
+DECODING_MODES = ("parallel", "autoregressive", "speculative")
+POLICY_KINDS = ("noop", "random", "expert", "rsd", "fault")
+
+
+@dataclass
+class EnvConfig:
+    suite: str = "libero_spatial"
+    task_ids: list[int] | None = None     # None: every task of the suite
+    num_trials: int = 50                  # trials per task; trial i uses init state i
+    first_trial: int = 0
+    num_wait_steps: int = NUM_WAIT_STEPS
+    max_steps: int | None = None          # None: the suite's protocol value
+    noop_action: list[float] = field(default_factory=lambda: list(NOOP_ACTION))
+    render_size: int = RENDER_SIZE
+    image_size: int = POLICY_IMAGE_SIZE   # env-side resize after the 180-degree rotation
+    # Speed options that leave every policy input and outcome bit-identical (tests prove it).
+    skip_unused_renders: bool = True      # render only steps whose observation is used
+    reuse_env: bool = True                # keep the env across trials of a task (soft reset)
+    mujoco_gl: str = "egl"                # egl or osmesa (both software-render on a CPU)
+
+    def __post_init__(self) -> None:
+        check_suite(self.suite)
+        if self.num_trials < 1:
+            raise ValueError(f"env.num_trials={self.num_trials}; expected >= 1")
+        if not 0 <= self.first_trial or self.first_trial + self.num_trials > NUM_INIT_STATES:
+            raise ValueError(f"env.first_trial={self.first_trial} + env.num_trials={self.num_trials} exceeds the "
+                             f"{NUM_INIT_STATES} fixed init states of a LIBERO task")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"env.max_steps={self.max_steps}; expected >= 1 or unset for the suite's value")
+        if len(self.noop_action) != 7:
+            raise ValueError(f"env.noop_action has {len(self.noop_action)} values; expected 7")
+        if self.mujoco_gl not in ("egl", "osmesa"):
+            raise ValueError(f"env.mujoco_gl={self.mujoco_gl!r}; expected 'egl' or 'osmesa'")
+
+    @property
+    def resolved_max_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
+
+
+@dataclass
+class DecodeConfig:
+    mode: str = "speculative"             # parallel / autoregressive / speculative
+    draft_layers: int = 3                 # K: RFSQ layers the draft proposes
+    acceptance: str = "exact"             # exact, or threshold:TAU (lossy)
+    sample: bool = False                  # greedy (False) or sampled decoding
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decode.mode={self.mode!r}; expected one of {', '.join(DECODING_MODES)}")
+        if not 1 <= self.draft_layers < NUM_RFSQ_LAYERS:
+            raise ValueError(f"decode.draft_layers={self.draft_layers}; expected 1..{NUM_RFSQ_LAYERS - 1}")
+        if self.acceptance != "exact":
+            prefix, _, tau = self.acceptance.partition(":")
+            try:
+                ok = prefix == "threshold" and 0.0 <= float(tau) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"decode.acceptance={self.acceptance!r}; expected 'exact' or 'threshold:TAU' "
+                                 f"with TAU in [0, 1], e.g. threshold:0.7")
+        if self.temperature <= 0:
+            raise ValueError(f"decode.temperature={self.temperature}; expected > 0")
+
+    @property
+    def lossless(self) -> bool:
+        return self.mode != "speculative" or self.acceptance == "exact"
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = "expert"                  # noop / random / expert / rsd / fault
+    checkpoint: str | None = None         # local directory (rsd); no hub downloads
+    device: str = "auto"                  # auto: cuda when the actor got a GPU, else cpu
+    max_batch: int = 32                   # slots per policy call
+    max_wait_ms: float = 5.0              # how long a partial batch waits for more requests
+    fault: str = "nan"                    # kind=fault only: nan / wrong_shape / raise
+    fault_at_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"policy.kind={self.kind!r}; expected one of {', '.join(POLICY_KINDS)}")
+        if self.kind == "rsd":
+            if not self.checkpoint:
+                raise ValueError("policy.kind='rsd' needs --policy.checkpoint=DIR (a local checkpoint directory)")
+            if not os.path.isdir(self.checkpoint):
+                raise ValueError(f"policy.checkpoint={self.checkpoint!r} is not a directory")
+        if self.max_batch < 1:
+            raise ValueError(f"policy.max_batch={self.max_batch}; expected >= 1")
+
+
+@dataclass
+class RecordsConfig:
+    output_dir: str = "runs"
+    run_name: str | None = None           # None: derived from suite, policy and decoding mode
+    record_chunks: bool = True            # also write one row per action chunk
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None            # None: start or join a local Ray; 'auto' inside `ray job submit`
+    num_env_actors: int | None = None     # None: one per CPU the cluster has
+    num_policy_actors: int = 1
+    policy_num_gpus: float | None = None  # None: 1 if the cluster has a GPU, else 0
+    policy_num_cpus: float = 0.0          # env actors claim every CPU; the policy shares
+    max_attempts: int = 3                 # tries per episode before an error row is final
+    env_actor_max_restarts: int = -1      # Ray restarts a dead env actor (-1: forever)
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"cluster.max_attempts={self.max_attempts}; expected >= 1")
+        if self.num_env_actors is not None and self.num_env_actors < 1:
+            raise ValueError(f"cluster.num_env_actors={self.num_env_actors}; expected >= 1")
+
+
+@dataclass
+class EvalConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0                         # per-episode seeds derive from it and the episode key
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def protocol(self, checkpoint_hash: str) -> dict[str, Any]:
+        """The settings that can change an outcome (see records/manifest.py)."""
+        e, d = self.env, self.decode
+        return {
+            "num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
+            "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
+            "policy_kind": self.policy.kind, "checkpoint_hash": checkpoint_hash,
+            "fault": f"{self.policy.fault}@{self.policy.fault_at_chunk}" if self.policy.kind == "fault" else None,
+            "decode_mode": d.mode, "draft_layers": d.draft_layers, "acceptance": d.acceptance,
+            "sample": d.sample, "temperature": d.temperature, "seed": self.seed,
+        }
+
+    @property
+    def run_name(self) -> str:
+        if self.records.run_name:
+            return self.records.run_name
+        name = f"{self.env.suite}-{self.policy.kind}"
+        if self.policy.kind == "rsd":
+            name += f"-{self.decode.mode}"
+            if self.decode.mode == "speculative":
+                name += f"-k{self.decode.draft_layers}-{self.decode.acceptance.replace(':', '')}"
+        return name
+
+
+__all__ = ["EnvConfig", "DecodeConfig", "PolicyConfig", "RecordsConfig", "ClusterConfig", "EvalConfig",
+           "SUITES", "DECODING_MODES", "POLICY_KINDS"]
