@@ -45,9 +45,11 @@ class EnvWorker:
 
 
 def make_env_actor(env_config: EnvConfig, policy_actor: Any, *, needs_privileged_state: bool,
-                   record_chunks: bool, max_restarts: int, use_cameras: bool = True) -> Any:
+                   record_chunks: bool, max_restarts: int, use_cameras: bool = True, name: str | None = None) -> Any:
     # max_task_retries=0: a call lost with a dead actor is re-queued by the driver, which counts
     # attempts; a silent Ray-side retry would hide the attempt from the records.
     cls = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0)(EnvWorker)
+    if name:
+        cls = cls.options(name=name)
     return cls.remote(env_config, policy_actor, needs_privileged_state=needs_privileged_state,
                       record_chunks=record_chunks, use_cameras=use_cameras)

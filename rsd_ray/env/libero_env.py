@@ -5,6 +5,12 @@ Two speed-ups, both bit-identical in every state and every used image (tests/tes
   physics substep. Disabling an observable resets its sampling timer (images then come from
   another substep), so instead every camera observable keeps its timer and its sensor is
   wrapped: it renders only while the gate is open, and returns a black placeholder otherwise.
+- Fixture placement: LIBERO's init states hold qpos/qvel only; every reset also re-places the
+  fixtures (cabinet, stove, ...) into the model's body positions, drawing from numpy's global
+  RNG and conditioning on where things were. Left alone, a trial's scene depends on every reset
+  the process did before it, i.e. on scheduling. So the env is built under a fixed seed, its
+  pristine body poses are kept, and before each trial's reset they are restored and the global
+  RNG is seeded with the trial index: every episode is a function of its (suite, task, trial) key.
 - Soft reset: `hard_reset=False` makes reset() ~0.3 s instead of ~5 s (no model rebuild). The
   Panda gripper keeps its incremental `current_action` across a soft reset, so it is zeroed
   before `set_init_state`; that makes soft-reset trials equal hard-reset ones.
@@ -54,6 +60,9 @@ def load_task(suite: str, task_id: int) -> TaskSpec:
                     bddl_path=bddl, init_states=np.asarray(bench.get_task_init_states(task_id)))
 
 
+BUILD_SEED = 0   # global numpy seed under which every env is built (fixture layout of the model XML)
+
+
 class RenderGate:
     """Wraps the camera observables' sensors so they render only while `is_open`."""
 
@@ -98,10 +107,16 @@ class LiberoTaskEnv:
         self.noop_action = np.asarray(noop_action, dtype=np.float64)
         self.soft_reset = soft_reset
         self.gate = RenderGate() if (skip_unused_renders and use_cameras) else None
-        self.env = OffScreenRenderEnv(bddl_file_name=spec.bddl_path, camera_heights=render_size,
-                                      camera_widths=render_size, hard_reset=not soft_reset,
-                                      use_camera_obs=use_cameras)
-        self.env.seed(0)
+        self._make_env = lambda: OffScreenRenderEnv(
+            bddl_file_name=spec.bddl_path, camera_heights=render_size, camera_widths=render_size,
+            hard_reset=False, use_camera_obs=use_cameras)
+        self._build()
+
+    def _build(self) -> None:
+        np.random.seed(BUILD_SEED)
+        self.env = self._make_env()
+        model = self.robosuite_env.sim.model
+        self._pristine_body_pose = (model.body_pos.copy(), model.body_quat.copy())
         self.num_resets = 0
 
     @property
@@ -119,9 +134,16 @@ class LiberoTaskEnv:
         if not 0 <= trial < len(self.spec.init_states):
             raise ValueError(f"trial={trial}: {self.spec.suite} task {self.spec.task_id} has "
                              f"{len(self.spec.init_states)} init states")
+        if not self.soft_reset and self.num_resets > 0:
+            # Reference path: a brand-new env per trial (what the soft reset must be equal to).
+            self.env.close()
+            self._build()
         self._install_gate()
         self._close_gate()
-        self.env.reset()
+        model = self.robosuite_env.sim.model
+        model.body_pos[:], model.body_quat[:] = self._pristine_body_pose   # see module docstring
+        np.random.seed(trial)
+        self.env.reset()           # soft: places the fixtures from the seeded RNG, no rebuild
         self.num_resets += 1
         self._install_gate()
         self._close_gate()

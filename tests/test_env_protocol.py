@@ -1,0 +1,146 @@
+"""The LIBERO protocol on a real env (libero_spatial task 0): wait steps, step limits, image
+recipe, open-loop chunks, success from the env's own check, errors from bad policies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsd_ray.config import EnvConfig
+from rsd_ray.env.episode import EpisodeRequest, EpisodeRunner
+from rsd_ray.env.preprocess import policy_image
+from rsd_ray.policy.base import ChunkStats
+from rsd_ray.protocol import MAX_STEPS, NOOP_ACTION
+from tests.libero_helpers import stage_bowl_on_plate
+
+pytestmark = pytest.mark.libero
+FIXTURES = Path(__file__).parent / "fixtures"
+NOOP_CHUNK = np.tile(np.asarray(NOOP_ACTION, np.float32), (8, 1))
+
+
+class RecordingClient:
+    """An in-process policy that answers `chunk` and remembers what it saw."""
+
+    def __init__(self, chunk: np.ndarray = NOOP_CHUNK):
+        self.chunk = chunk
+        self.observations = []
+
+    def __call__(self, obs):
+        self.observations.append(obs)
+        return self.chunk, ChunkStats(policy_ms=0.1)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = EpisodeRunner(EnvConfig(suite="libero_spatial"), RecordingClient())
+    yield r
+    r.close()
+
+
+@pytest.fixture()
+def count_steps(runner):
+    """Counts env.step calls of the runner's env (built on first use)."""
+    runner._env_for("libero_spatial", 0)
+    env = runner.task_env
+    calls = []
+    original = env.step
+
+    def counting(action, render):
+        calls.append(np.array(action))
+        return original(action, render)
+
+    env.step = counting
+    yield calls
+    env.step = original
+
+
+def run(runner, client, max_steps=None, after_init=None, trial=0):
+    runner.policy_client = client
+    runner.after_init = after_init
+    runner.config.max_steps = max_steps
+    return runner.run(EpisodeRequest(episode_key=f"libero_spatial/0/{trial}"))
+
+
+def test_images_are_rotated_resized_and_pinned(runner):
+    client = RecordingClient()
+    run(runner, client, max_steps=1)
+    obs = client.observations[0]
+    assert obs.agentview.shape == (224, 224, 3) and obs.agentview.dtype == np.uint8
+    assert obs.wrist.shape == (224, 224, 3)
+    raw = runner.task_env.render_now()
+    assert raw["agentview_image"].shape == (256, 256, 3)
+    # Orientation: our image is the raw render turned 180 degrees (both axes), then resized.
+    env = runner.task_env
+    env.start_trial(0)
+    raw = env.render_now()
+    np.testing.assert_array_equal(policy_image(raw["agentview_image"], 224),
+                                  np.asarray(Image.open(FIXTURES / "spatial0_trial0_agentview.png")))
+    np.testing.assert_array_equal(policy_image(raw["robot0_eye_in_hand_image"], 224),
+                                  np.asarray(Image.open(FIXTURES / "spatial0_trial0_wrist.png")))
+    assert not np.array_equal(policy_image(raw["agentview_image"], 224),
+                              policy_image(raw["agentview_image"][::-1], 224))
+
+
+def test_first_observation_is_the_rendered_boundary_after_wait_steps(runner):
+    client = RecordingClient()
+    run(runner, client, max_steps=1)
+    first = client.observations[0]
+    # The first chunk boundary is the observation after the 10th wait step, rendered for real.
+    assert first.agentview.std() > 10 and first.chunk_index == 0
+    pinned = np.asarray(Image.open(FIXTURES / "spatial0_trial0_after_wait_agentview.png"))
+    np.testing.assert_array_equal(first.agentview, pinned)
+
+
+def test_wait_steps_then_every_action_of_every_chunk(runner, count_steps):
+    chunk = np.tile(np.asarray(NOOP_ACTION, np.float32), (8, 1))
+    chunk[:, 0] = np.arange(8) * 0.01           # distinct actions, to check their order
+    result = run(runner, RecordingClient(chunk), max_steps=20)
+    assert len(count_steps) == 10 + 20
+    np.testing.assert_array_equal(np.stack(count_steps[:10]), np.tile(NOOP_ACTION, (10, 1)))
+    executed = np.stack(count_steps[10:])
+    np.testing.assert_allclose(executed[:, 0], np.concatenate([chunk[:, 0], chunk[:, 0], chunk[:4, 0]]))
+    assert result.episode["outcome"] == "timeout" and result.episode["num_steps"] == 20
+    assert [c["num_actions_executed"] for c in result.chunks] == [8, 8, 4]
+    assert [c["step"] for c in result.chunks] == [0, 8, 16]
+
+
+def test_noop_times_out_at_exactly_the_suites_max_steps(runner):
+    result = run(runner, RecordingClient())
+    ep = result.episode
+    assert ep["outcome"] == "timeout" and not ep["success"]
+    assert ep["num_steps"] == MAX_STEPS["libero_spatial"] == 220
+    assert ep["num_chunks"] == 28                # 27 full chunks + 4 actions of the 28th
+
+
+def test_success_comes_from_the_envs_own_check(runner):
+    result = run(runner, RecordingClient(), after_init=stage_bowl_on_plate)
+    ep = result.episode
+    assert ep["outcome"] == "success" and ep["success"]
+    assert ep["num_steps"] == 1                  # detected on the first step of the first chunk
+    assert runner.task_env.check_success()
+
+
+@pytest.mark.parametrize("bad_chunk, message", [
+    (np.where(np.arange(8)[:, None] == 3, np.nan, NOOP_CHUNK), "non-finite action"),
+    (NOOP_CHUNK[:, :6], "shape"),
+])
+def test_bad_policy_output_is_an_error_record(runner, bad_chunk, message):
+    result = run(runner, RecordingClient(bad_chunk), max_steps=40)
+    ep = result.episode
+    assert ep["outcome"] == "error" and not ep["success"]
+    assert message in ep["error"] and "chunk 0" in ep["error"]
+    assert ep["num_steps"] == 0
+
+
+def test_env_crash_is_an_error_record_and_env_is_rebuilt(runner):
+    def crash(env):
+        raise RuntimeError("simulated MuJoCo failure")
+
+    runner._env_for("libero_spatial", 0)
+    built = runner.num_envs_built
+    ep = run(runner, RecordingClient(), max_steps=8, after_init=crash).episode
+    assert ep["outcome"] == "error" and "simulated MuJoCo failure" in ep["error"]
+    ep = run(runner, RecordingClient(), max_steps=8).episode
+    assert ep["outcome"] == "timeout" and runner.num_envs_built == built + 1
