@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = draccus.parse(config_class=EvalConfig, args=argv)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
+        # draccus wraps our __post_init__ errors; the innermost one names the field.
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     try:

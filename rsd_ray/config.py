@@ -141,17 +141,22 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def protocol(self, checkpoint_hash: str) -> dict[str, Any]:
-        """The settings that can change an outcome (see records/manifest.py)."""
-        e, d = self.env, self.decode
-        return {
-            "num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
-            "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
-            "policy_kind": self.policy.kind, "checkpoint_hash": checkpoint_hash,
-            "fault": f"{self.policy.fault}@{self.policy.fault_at_chunk}" if self.policy.kind == "fault" else None,
-            "decode_mode": d.mode, "draft_layers": d.draft_layers, "acceptance": d.acceptance,
-            "sample": d.sample, "temperature": d.temperature, "seed": self.seed,
-        }
+    def protocol(self) -> dict[str, Any]:
+        """The evaluation protocol: runs with equal protocols are comparable episode for episode
+        (whatever policy or decoding mode they used)."""
+        e = self.env
+        return {"num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
+                "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
+                "seed": self.seed}
+
+    def run_identity(self, checkpoint_hash: str) -> dict[str, Any]:
+        """Everything that can change an outcome: the protocol plus the policy and its decoding.
+        A run directory only ever holds episodes of one identity (the resume guard)."""
+        d = self.decode
+        return {**self.protocol(), "policy_kind": self.policy.kind, "checkpoint_hash": checkpoint_hash,
+                "fault": f"{self.policy.fault}@{self.policy.fault_at_chunk}" if self.policy.kind == "fault" else None,
+                "decode_mode": d.mode, "draft_layers": d.draft_layers, "acceptance": d.acceptance,
+                "sample": d.sample, "temperature": d.temperature}
 
     @property
     def run_name(self) -> str:

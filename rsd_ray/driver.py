@@ -132,11 +132,10 @@ def prepare_run(config: EvalConfig) -> tuple[Path, dict[str, Any], list[str]]:
     keys = all_keys(config)
     run_dir = Path(config.records.output_dir) / config.run_name
     ckpt_hash = checkpoint_hash(config.policy.checkpoint)
-    protocol = config.protocol(ckpt_hash)
     existing = read_manifest(run_dir)
     run_id = existing["run_id"] if existing else f"{config.run_name}-{uuid.uuid4().hex[:8]}"
-    manifest = build_manifest(run_id, config.to_dict(), protocol, {"kind": config.policy.kind,
-                                                                   "checkpoint": config.policy.checkpoint})
+    manifest = build_manifest(run_id, config.to_dict(), config.protocol(), config.run_identity(ckpt_hash),
+                              {"kind": config.policy.kind, "checkpoint": config.policy.checkpoint})
     if existing:
         check_resumable(existing, manifest)
         manifest["created_at"] = existing.get("created_at")
@@ -171,6 +170,8 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
 
     cl = config.cluster
     started_ray = False
+    envs: list[Any] = []
+    policies: list[Any] = []
     if not ray.is_initialized():
         ray.init(address=cl.address, log_to_driver=True, include_dashboard=False) if cl.address else \
             ray.init(include_dashboard=False)
@@ -181,9 +182,11 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
         num_gpus = resources.get("GPU", 0.0)
         num_env = min(cl.num_env_actors or max(num_cpus, 1), len(keys))
         gpus_per_policy = cl.policy_num_gpus if cl.policy_num_gpus is not None else (1.0 if num_gpus >= 1 else 0.0)
-        policy_cls = ray.remote(PolicyServer).options(num_cpus=cl.policy_num_cpus, num_gpus=gpus_per_policy,
-                                                      max_concurrency=1000, max_restarts=3)
-        policies = [policy_cls.remote(config.policy, config.decode) for _ in range(cl.num_policy_actors)]
+        policy_cls = ray.remote(PolicyServer)
+        # Named so operators (and the fault-tolerance tests) can find them: rsd-policy-<i>-<run_id>.
+        policies = [policy_cls.options(name=f"rsd-policy-{i}-{manifest['run_id']}", num_cpus=cl.policy_num_cpus,
+                                       num_gpus=gpus_per_policy, max_concurrency=1000, max_restarts=3)
+                    .remote(config.policy, config.decode) for i in range(cl.num_policy_actors)]
         # Fails fast with the policy's own error (missing checkpoint, bad config) instead of
         # turning every episode into an error row.
         description = ray.get(policies[0].describe.remote())
@@ -193,14 +196,15 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                                needs_privileged_state=needs_privileged_state(config.policy),
                                record_chunks=config.records.record_chunks,
                                use_cameras=needs_images(config.policy),
-                               max_restarts=cl.env_actor_max_restarts) for i in range(num_env)]
+                               max_restarts=cl.env_actor_max_restarts, name=f"rsd-env-{i}-{manifest['run_id']}")
+                for i in range(num_env)]
         run_fields = {"run_id": manifest["run_id"], "policy_name": description.get("name", config.policy.kind),
                       "decoding_mode": description.get("decoding_mode", "none"),
                       "acceptance": description.get("acceptance", "none"),
                       "draft_layers": config.decode.draft_layers if description.get("decoding_mode") == "speculative" else None,
                       "lossless": bool(description.get("lossless", True)),
-                      "checkpoint_hash": manifest["protocol"]["checkpoint_hash"],
-                      "config_hash": manifest["protocol_hash"]}
+                      "checkpoint_hash": manifest["run_identity"]["checkpoint_hash"],
+                      "config_hash": manifest["run_hash"]}
         writer = RecordWriter(run_dir)
         queue = TaskAffinityQueue(keys)
         in_flight: dict[Any, tuple[int, str, int]] = {}
@@ -247,10 +251,12 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                 bar.update(1)
             submit(actor_index)
         bar.close()
-        for actor in envs:
-            actor.close.remote()
+        ray.get([actor.close.remote() for actor in envs])   # EGL wants env.close() before exit
         return done_count
     finally:
+        # Free the CPUs even when Ray outlives this run (a notebook, a test session).
+        for actor in envs + policies:
+            ray.kill(actor, no_restart=True)
         if started_ray:
             ray.shutdown()
 

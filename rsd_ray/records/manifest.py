@@ -1,10 +1,11 @@
 """The run manifest: everything needed to reproduce a run's numbers, and the resume guard.
 
-`protocol_hash` covers every setting that can change an episode's outcome or a chunk's tokens
-(the LIBERO protocol, the policy and its checkpoint, the decoding mode, the seed). Settings that
-only change speed or scope (actor counts, batch sizes, which tasks or trials) stay out, so a
-run can be resumed with more actors or extended with more trials, never silently mixed with a
-different protocol.
+Two hashes: `protocol_hash` covers the evaluation protocol (wait steps, step limits, image
+recipe, seed): runs with equal protocol hashes can be compared episode for episode, whatever
+their policies. `run_hash` adds the policy, its checkpoint and its decoding settings: every
+setting that can change an outcome. A run directory holds episodes of one run_hash only.
+Settings that change only speed or scope (actor counts, batch sizes, which tasks or trials)
+are in neither, so a run can be resumed with more actors or extended with more trials.
 """
 from __future__ import annotations
 
@@ -49,13 +50,15 @@ def stable_hash(obj: Any) -> str:
 
 
 def build_manifest(run_id: str, config: dict[str, Any], protocol: dict[str, Any],
-                   policy_description: dict[str, Any]) -> dict[str, Any]:
+                   run_identity: dict[str, Any], policy_description: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "protocol": protocol,
         "protocol_hash": stable_hash(protocol),
+        "run_identity": run_identity,
+        "run_hash": stable_hash(run_identity),
         "config": config,
         "policy": policy_description,
         "versions": package_versions(),
@@ -84,12 +87,12 @@ def write_manifest(run_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
 def check_resumable(existing: dict[str, Any], new: dict[str, Any]) -> None:
     """Raise IncompatibleRunError naming the settings that differ between the recorded run and
     the one about to append to it."""
-    if existing.get("protocol_hash") == new["protocol_hash"]:
+    if existing.get("run_hash") == new["run_hash"]:
         return
-    old, cur = existing.get("protocol", {}), new["protocol"]
+    old, cur = existing.get("run_identity", {}), new["run_identity"]
     diffs = [f"{k}: recorded {old.get(k)!r}, now {cur.get(k)!r}"
              for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
     raise IncompatibleRunError(
-        "the output directory holds a run with a different protocol; appending would mix "
-        "incomparable episodes. Differences:\n  " + "\n  ".join(diffs or ["(protocol hash differs)"])
+        f"the output directory {existing.get('run_id')!r} holds a run with different settings; appending "
+        "would mix incomparable episodes. Differences:\n  " + "\n  ".join(diffs or ["(run hash differs)"])
         + "\nUse another --records.run_name, or delete the old run.")

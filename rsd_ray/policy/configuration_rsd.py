@@ -1,0 +1,100 @@
+"""What an RSD policy is made of: sizes of the vision front end, backbone, blocks and draft.
+
+One dataclass builds a toy model for tests (`RSDConfig.tiny()`: 2 decoder blocks, hidden 64)
+or the Llama-2-7B shape used by the GPU benchmarks (`RSDConfig.llama2_7b_shape()`). The
+checkpoint stores it as JSON (`rsd_config.json`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from rsd_ray.protocol import (ACTION_DIM, CHUNK_STEPS, LATENT_DIM, NUM_LEVELS, NUM_RFSQ_LAYERS,
+                              POLICY_IMAGE_SIZE, PROPRIO_DIM)
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RSDConfig:
+    # vision front end: a patchify conv per camera (shared weights) + an MLP projector
+    image_size: int = POLICY_IMAGE_SIZE
+    patch_size: int = 32
+    vision_dim: int = 64
+    num_cameras: int = 2                  # third-person + wrist
+    # instruction: UTF-8 bytes, padded (and masked) to a fixed length
+    max_instruction_tokens: int = 32
+    proprio_dim: int = PROPRIO_DIM
+    # Llama-family backbone
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.2        # large enough that a random model has peaked outputs
+    attn_implementation: str = "sdpa"
+    # action blocks: RFSQ layer l of a chunk is T positions; logits [T, D, V]
+    chunk_steps: int = CHUNK_STEPS        # T
+    action_dim: int = ACTION_DIM          # A
+    latent_dim: int = LATENT_DIM          # D
+    num_rfsq_layers: int = NUM_RFSQ_LAYERS  # L
+    num_levels: int = NUM_LEVELS          # V
+    # draft: block-0 hidden states projected hidden -> draft_hidden
+    draft_hidden: int = 32
+    draft_max_layers: int = NUM_RFSQ_LAYERS - 1   # largest K the draft can propose
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if not 1 <= self.draft_max_layers < self.num_rfsq_layers:
+            raise ValueError(f"draft_max_layers={self.draft_max_layers}; expected 1..{self.num_rfsq_layers - 1}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_length(self) -> int:
+        """P: image patches of every camera, one proprio token, the padded instruction."""
+        return self.num_cameras * self.num_patches + 1 + self.max_instruction_tokens
+
+    @property
+    def chunk_length(self) -> int:
+        """Positions after the prefix: L blocks of T."""
+        return self.num_rfsq_layers * self.chunk_steps
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "RSDConfig":
+        """2 decoder blocks, hidden 64, 2x49 patches: builds in milliseconds on a CPU."""
+        return cls(**overrides)
+
+    @classmethod
+    def llama2_7b_shape(cls, **overrides: Any) -> "RSDConfig":
+        """The Llama-2-7B backbone shape inside OpenVLA-OFT: 32 blocks, hidden 4096, 256 patches
+        per camera, draft projected 4096 -> 512."""
+        base = dict(patch_size=14, vision_dim=1024, max_instruction_tokens=64, hidden_size=4096,
+                    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, initializer_range=0.02, draft_hidden=512, dtype="bfloat16")
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RSDConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown RSDConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)

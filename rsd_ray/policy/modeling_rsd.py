@@ -1,0 +1,167 @@
+"""The RSD main model: observation -> prefix embeddings -> Llama-family decoder -> RFSQ-layer logits.
+
+Sequence of one chunk (P prefix positions, then L blocks of T positions):
+
+    [camera-0 patches | camera-1 patches | proprio | instruction bytes (padded, masked)]
+    [block 0: start embedding] [block 1: embed(layer-0 tokens)] ... [block L-1: embed(layer L-2)]
+
+The output at block l gives logits [T, D, V] for RFSQ layer l, conditioned on the prefix and
+layers < l; the tokens of one layer are independent given that context. `parallel_queries`
+(L blocks of learned queries after the prefix) is the one-pass OpenVLA-OFT-style baseline.
+The decoder is used only through `inputs_embeds`, so any transformers Llama-family model fits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from rsd_ray.policy.configuration_rsd import RSDConfig
+
+PAD_BYTE_ID = 0          # instruction bytes are stored as byte + 1, so 0 is free for padding
+NUM_BYTE_IDS = 257
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def tokenize_instructions(instructions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 bytes, +1, truncated / zero-padded to max_tokens.
+
+    Returns ids [B, N] long and mask [B, N] bool (False = padding). Deterministic, no vocabulary
+    file: a checkpoint is reproducible without a hub.
+    """
+    ids = torch.full((len(instructions), max_tokens), PAD_BYTE_ID, dtype=torch.long)
+    for b, text in enumerate(instructions):
+        raw = text.encode("utf-8")[:max_tokens]
+        if raw:
+            ids[b, :len(raw)] = torch.tensor(list(raw), dtype=torch.long) + 1
+    return ids, ids != PAD_BYTE_ID
+
+
+def backbone_config(config: RSDConfig) -> LlamaConfig:
+    """The LlamaConfig of the decoder a fresh RSD model builds (vocab unused: inputs_embeds only)."""
+    max_positions = config.prefix_length + config.chunk_length + config.draft_max_layers * config.chunk_steps
+    cfg = LlamaConfig(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                      num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                      num_key_value_heads=config.num_key_value_heads, vocab_size=2,
+                      max_position_embeddings=max_positions, rope_theta=config.rope_theta,
+                      initializer_range=config.initializer_range, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg._attn_implementation = config.attn_implementation
+    return cfg
+
+
+class VisionEncoder(nn.Module):
+    """Patchify conv shared by the cameras + position and camera embeddings + MLP projector."""
+
+    def __init__(self, config: RSDConfig):
+        super().__init__()
+        c = config
+        self.patch = nn.Conv2d(3, c.vision_dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.position = nn.Parameter(torch.zeros(c.num_patches, c.vision_dim))
+        self.camera = nn.Parameter(torch.zeros(c.num_cameras, c.vision_dim))
+        self.norm = nn.LayerNorm(c.vision_dim)
+        self.projector = nn.Sequential(nn.Linear(c.vision_dim, c.hidden_size), nn.GELU(),
+                                       nn.Linear(c.hidden_size, c.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # images: [B, C, 3, S, S] float in [-1, 1], C cameras -> [B, C * patches, H]
+        b, c = images.shape[:2]
+        x = self.patch(images.flatten(0, 1))                         # [B*C, vision_dim, g, g]
+        x = x.flatten(2).transpose(1, 2)                              # [B*C, patches, vision_dim]
+        x = x.unflatten(0, (b, c)) + self.position + self.camera[:, None]   # [B, C, patches, vision_dim]
+        return self.projector(self.norm(x.flatten(1, 2)))
+
+
+class RSDModel(nn.Module):
+    """Prefix encoder, backbone and block embeddings/head. See the module docstring for layout."""
+
+    def __init__(self, config: RSDConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        c = self.config = config
+        H, T, D, V, L = c.hidden_size, c.chunk_steps, c.latent_dim, c.num_levels, c.num_rfsq_layers
+        self.vision = VisionEncoder(c)
+        self.instruction_embed = nn.Embedding(NUM_BYTE_IDS, H)
+        self.proprio_proj = nn.Sequential(nn.Linear(c.proprio_dim, H), nn.GELU(), nn.Linear(H, H))
+        self.backbone = backbone if backbone is not None else LlamaModel(backbone_config(c))
+        std = c.initializer_range
+        self.start_block = nn.Parameter(torch.randn(T, H) * std)         # block 0 input
+        self.parallel_queries = nn.Parameter(torch.randn(L, T, H) * std)  # parallel-mode blocks
+        self.token_embed = nn.Parameter(torch.randn(D * V, H) * std)     # (latent dim, level) -> H
+        self.layer_embed = nn.Parameter(torch.randn(L, H) * std)         # which layer a block predicts
+        self.step_embed = nn.Parameter(torch.randn(T, H) * std)          # timestep within the chunk
+        self.head = nn.Linear(H, D * V)
+        for module in (self.vision, self.proprio_proj, self.head):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.normal_(p, std=std)
+        nn.init.normal_(self.vision.position, std=std)
+        nn.init.normal_(self.instruction_embed.weight, std=std)
+        # `level offsets` turn a [.., D] token into D rows of token_embed
+        self.register_buffer("level_offsets", torch.arange(D) * V, persistent=False)
+
+    # ---- prefix -------------------------------------------------------------------------
+    def encode_prefix(self, images: torch.Tensor, instruction_ids: torch.Tensor,
+                      instruction_mask: torch.Tensor, proprio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, C, 3, S, S] float in [-1, 1]; instruction_ids/mask [B, N]; proprio [B, 8]
+        (normalised). Returns prefix_embeds [B, P, H] and prefix_mask [B, P] bool."""
+        c = self.config
+        B = images.shape[0]
+        expected = (c.num_cameras, 3, c.image_size, c.image_size)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images have shape {tuple(images.shape)}; expected [B, C, 3, S, S] = [B, {expected}]")
+        if instruction_ids.shape != (B, c.max_instruction_tokens):
+            raise ValueError(f"instruction_ids have shape {tuple(instruction_ids.shape)}; "
+                             f"expected [B, N] = [{B}, {c.max_instruction_tokens}]")
+        if proprio.shape != (B, c.proprio_dim):
+            raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected [B, {c.proprio_dim}]")
+        patches = self.vision(images)                                   # [B, C*patches, H]
+        state = self.proprio_proj(proprio)[:, None]                     # [B, 1, H]
+        words = self.instruction_embed(instruction_ids)                 # [B, N, H]
+        embeds = torch.cat([patches, state, words], dim=1)
+        mask = torch.cat([torch.ones(B, patches.shape[1] + 1, dtype=torch.bool, device=embeds.device),
+                          instruction_mask.to(embeds.device)], dim=1)
+        return embeds, mask
+
+    # ---- blocks -------------------------------------------------------------------------
+    def start_inputs(self, batch: int) -> torch.Tensor:
+        """Block 0's inputs: [B, T, H]."""
+        x = self.start_block + self.layer_embed[0] + self.step_embed
+        return x[None].expand(batch, -1, -1)
+
+    def block_inputs(self, prev_tokens: torch.Tensor, layer_ids: torch.Tensor) -> torch.Tensor:
+        """prev_tokens [B, T, D, n] int64 in [0, V): the layer before each block; layer_ids [B, n]
+        long in [1, L): the layer each block predicts. Returns inputs [B, n*T, H]."""
+        B, T, D, n = prev_tokens.shape
+        rows = self.token_embed[prev_tokens.permute(0, 3, 1, 2) + self.level_offsets]   # [B, n, T, D, H]
+        x = rows.sum(dim=3) + self.layer_embed[layer_ids][:, :, None] + self.step_embed  # [B, n, T, H]
+        return x.flatten(1, 2)
+
+    def parallel_inputs(self, batch: int) -> torch.Tensor:
+        """The parallel mode's L query blocks: [B, L*T, H]."""
+        x = self.parallel_queries + self.layer_embed[:, None] + self.step_embed
+        return x.flatten(0, 1)[None].expand(batch, -1, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, n*T, H] -> logits [B, n*T, D, V]."""
+        c = self.config
+        return self.head(hidden).unflatten(-1, (c.latent_dim, c.num_levels))
+
+    def run_backbone(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                     cache=None) -> torch.Tensor:
+        """embeds [B, q, H]; position_ids [B, q]; mask [B, 1, q, k] additive. Returns hidden [B, q, H]."""
+        out = self.backbone(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
+                            past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+def preprocess_images(frames: list[torch.Tensor], image_size: int) -> torch.Tensor:
+    """frames: B*C uint8 tensors [h, w, 3] -> [B*C, 3, S, S] float in [-1, 1] (resized if needed)."""
+    x = torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2.0 - 1.0
