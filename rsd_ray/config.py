@@ -28,6 +28,9 @@ class EnvConfig:
     noop_action: list[float] = field(default_factory=lambda: list(NOOP_ACTION))
     render_size: int = RENDER_SIZE
     image_size: int = POLICY_IMAGE_SIZE   # env-side resize after the 180-degree rotation
+    # Demonstrations only: shift movable objects by N(0, this) metres after the init state,
+    # so recorded episodes start away from the evaluation trials' states. 0 for evaluation.
+    init_perturbation_m: float = 0.0
     # Speed options that leave every policy input and outcome bit-identical (tests prove it).
     skip_unused_renders: bool = True      # render only steps whose observation is used
     reuse_env: bool = True                # keep the env across trials of a task (soft reset)
@@ -44,6 +47,8 @@ class EnvConfig:
             raise ValueError(f"env.max_steps={self.max_steps}; expected >= 1 or unset for the suite's value")
         if len(self.noop_action) != 7:
             raise ValueError(f"env.noop_action has {len(self.noop_action)} values; expected 7")
+        if not 0.0 <= self.init_perturbation_m <= 0.1:
+            raise ValueError(f"env.init_perturbation_m={self.init_perturbation_m}; expected 0..0.1 (metres)")
         if self.mujoco_gl not in ("egl", "osmesa"):
             raise ValueError(f"env.mujoco_gl={self.mujoco_gl!r}; expected 'egl' or 'osmesa'")
 
@@ -109,6 +114,13 @@ class RecordsConfig:
     output_dir: str = "runs"
     run_name: str | None = None           # None: derived from suite, policy and decoding mode
     record_chunks: bool = True            # also write one row per action chunk
+    # Training samples (images, proprio, instruction, action chunk) at every chunk boundary:
+    # none, success (only from successful episodes: demonstrations) or all.
+    record_samples: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.record_samples not in ("none", "success", "all"):
+            raise ValueError(f"records.record_samples={self.record_samples!r}; expected none, success or all")
 
 
 @dataclass
@@ -147,7 +159,7 @@ class EvalConfig:
         e = self.env
         return {"num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
                 "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
-                "seed": self.seed}
+                "init_perturbation_m": e.init_perturbation_m, "seed": self.seed}
 
     def run_identity(self, checkpoint_hash: str) -> dict[str, Any]:
         """Everything that can change an outcome: the protocol plus the policy and its decoding.

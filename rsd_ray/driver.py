@@ -195,7 +195,8 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
         envs = [make_env_actor(config.env, policies[i % len(policies)],
                                needs_privileged_state=needs_privileged_state(config.policy),
                                record_chunks=config.records.record_chunks,
-                               use_cameras=needs_images(config.policy),
+                               record_samples=config.records.record_samples != "none",
+                               use_cameras=needs_images(config.policy) or config.records.record_samples != "none",
                                max_restarts=cl.env_actor_max_restarts, name=f"rsd-env-{i}-{manifest['run_id']}")
                 for i in range(num_env)]
         run_fields = {"run_id": manifest["run_id"], "policy_name": description.get("name", config.policy.kind),
@@ -230,15 +231,19 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
             actor_index, key, attempt = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-                episode, chunks = result.episode, result.chunks
+                episode, chunks, samples = result.episode, result.chunks, result.samples
             except (RayActorError, RayError) as exc:
                 # The actor died mid-episode (killed, OOM, segfault in the simulator); Ray restarts it.
                 episode = _lost_episode_row(key, attempt, exc)
-                chunks = []
+                chunks, samples = [], []
             if episode["outcome"] == "error" and attempt < cl.max_attempts:
                 queue.push_retry(key, attempt + 1)
             else:
                 finished = dt.datetime.now(dt.timezone.utc)
+                if samples and (config.records.record_samples == "all" or episode["outcome"] == "success"):
+                    # Before the episode row: a crash in between re-runs the episode, and
+                    # read_samples() drops repeats of a (key, chunk) pair.
+                    writer.write_samples([{**s, "run_id": run_fields["run_id"]} for s in samples])
                 writer.write_episodes([{**episode, **run_fields, "finished_at": finished}])
                 if chunks:
                     writer.write_chunks([{**c, "run_id": run_fields["run_id"],

@@ -41,7 +41,9 @@ STAMP="$VENV/.rsd_ray_installed"
 WANT="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[setup] installing the pinned stack into $VENV (first time: a few minutes)"
-    "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" "${EXTRA_C[@]}" -e "$ROOT[dev]"
+    # (grep drops pip's notes about this machine's optional local index folders)
+    "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" "${EXTRA_C[@]}" -e "$ROOT[dev]" 2>&1 \
+        | { grep -v -E "^WARNING: Location .* is ignored" || true; }
     echo "$WANT" > "$STAMP"
 fi
 

@@ -19,11 +19,12 @@ from rsd_ray.env.libero_env import configure_renderer
 
 class EnvWorker:
     def __init__(self, env_config: EnvConfig, policy_actor: Any, *, needs_privileged_state: bool,
-                 record_chunks: bool, use_cameras: bool = True):
+                 record_chunks: bool, record_samples: bool = False, use_cameras: bool = True):
         configure_renderer(env_config.mujoco_gl)
         self.policy_actor = policy_actor
         self.runner = EpisodeRunner(env_config, self._ask_policy, needs_privileged_state=needs_privileged_state,
-                                    record_chunks=record_chunks, use_cameras=use_cameras)
+                                    record_chunks=record_chunks, record_samples=record_samples,
+                                    use_cameras=use_cameras)
 
     def _ask_policy(self, observation):
         return ray.get(self.policy_actor.act.remote(observation))
@@ -45,11 +46,12 @@ class EnvWorker:
 
 
 def make_env_actor(env_config: EnvConfig, policy_actor: Any, *, needs_privileged_state: bool,
-                   record_chunks: bool, max_restarts: int, use_cameras: bool = True, name: str | None = None) -> Any:
+                   record_chunks: bool, max_restarts: int, record_samples: bool = False, use_cameras: bool = True,
+                   name: str | None = None) -> Any:
     # max_task_retries=0: a call lost with a dead actor is re-queued by the driver, which counts
     # attempts; a silent Ray-side retry would hide the attempt from the records.
     cls = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0)(EnvWorker)
     if name:
         cls = cls.options(name=name)
     return cls.remote(env_config, policy_actor, needs_privileged_state=needs_privileged_state,
-                      record_chunks=record_chunks, use_cameras=use_cameras)
+                      record_chunks=record_chunks, record_samples=record_samples, use_cameras=use_cameras)

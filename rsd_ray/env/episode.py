@@ -19,7 +19,7 @@ from rsd_ray.config import EnvConfig
 from rsd_ray.env.libero_env import LiberoTaskEnv, TaskSpec, load_task
 from rsd_ray.env.preprocess import AGENTVIEW_KEY, WRIST_KEY, policy_image, proprio_state
 from rsd_ray.policy.base import ChunkStats, Observation, check_chunks
-from rsd_ray.protocol import CHUNK_STEPS, parse_episode_key
+from rsd_ray.protocol import CHUNK_STEPS, MAX_STEPS, parse_episode_key
 
 PolicyClient = Callable[[Observation], tuple[np.ndarray, ChunkStats]]
 
@@ -35,10 +35,20 @@ class EpisodeRequest:
 class EpisodeResult:
     episode: dict[str, Any]                      # EPISODE_SCHEMA fields known on the env side
     chunks: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)   # SAMPLE_SCHEMA rows, if asked for
 
 
 class PolicyOutputError(RuntimeError):
     """The policy answered, but not with a finite [T, A] chunk."""
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -47,12 +57,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 class EpisodeRunner:
     def __init__(self, config: EnvConfig, policy_client: PolicyClient, *, needs_privileged_state: bool = False,
-                 record_chunks: bool = True, use_cameras: bool = True,
+                 record_chunks: bool = True, record_samples: bool = False, use_cameras: bool = True,
                  after_init: Callable[[Any], None] | None = None):
         self.config = config
         self.policy_client = policy_client
         self.needs_privileged_state = needs_privileged_state
         self.record_chunks = record_chunks
+        self.record_samples = record_samples
         self.use_cameras = use_cameras
         self.after_init = after_init         # test hook: stage a sim state after the init state
         self.task_env: LiberoTaskEnv | None = None
@@ -68,7 +79,8 @@ class EpisodeRunner:
         self.task_env = LiberoTaskEnv(
             spec, render_size=self.config.render_size, num_wait_steps=self.config.num_wait_steps,
             noop_action=self.config.noop_action, skip_unused_renders=self.config.skip_unused_renders,
-            soft_reset=self.config.reuse_env, use_cameras=self.use_cameras)
+            soft_reset=self.config.reuse_env, use_cameras=self.use_cameras,
+            init_perturbation_m=self.config.init_perturbation_m)
         self.num_envs_built += 1
         return self.task_env
 
@@ -89,7 +101,7 @@ class EpisodeRunner:
 
     def run(self, request: EpisodeRequest) -> EpisodeResult:
         suite, task_id, trial = parse_episode_key(request.episode_key)
-        max_steps = self.config.max_steps if self.config.max_steps is not None else None
+        limit = self.config.max_steps if self.config.max_steps is not None else MAX_STEPS[suite]
         t_start = time.perf_counter()
         env_s = reset_s = policy_wait_s = 0.0
         num_steps = num_chunks = 0
@@ -97,13 +109,12 @@ class EpisodeRunner:
         stats_list: list[ChunkStats] = []
         round_trips: list[float] = []
         chunk_rows: list[dict[str, Any]] = []
+        sample_rows: list[dict[str, Any]] = []
         spec_info = {"task_name": None, "instruction": None}
         try:
             t0 = time.perf_counter()
             env = self._env_for(suite, task_id)
             spec_info = {"task_name": env.spec.name, "instruction": env.spec.instruction}
-            from rsd_ray.protocol import MAX_STEPS
-            limit = max_steps if max_steps is not None else MAX_STEPS[suite]
             raw = env.start_trial(trial, after_init=self.after_init)
             reset_s = time.perf_counter() - t0
             done = False
@@ -135,6 +146,13 @@ class EpisodeRunner:
                         "episode_key": request.episode_key, "suite": suite, "task_id": task_id, "trial": trial,
                         "attempt": request.attempt, "chunk_index": num_chunks, "step": start_step,
                         "num_actions_executed": executed, "round_trip_ms": rt * 1e3, **_chunk_stat_fields(stats)})
+                if self.record_samples:
+                    sample_rows.append({
+                        "episode_key": request.episode_key, "suite": suite, "task_id": task_id, "trial": trial,
+                        "chunk_index": num_chunks, "step": start_step, "instruction": obs.instruction,
+                        "agentview_png": encode_png(obs.agentview), "wrist_png": encode_png(obs.wrist),
+                        "proprio": obs.proprio.astype(np.float32).tolist(),
+                        "action_chunk": chunk.reshape(-1).tolist(), "num_actions_executed": executed})
                 num_chunks += 1
             # Success is the env's own check (`done` from step), never "not a timeout".
             outcome = "success" if done else "timeout"
@@ -158,7 +176,9 @@ class EpisodeRunner:
             "main_passes_mean": statistics.fmean(s.num_main_passes for s in stats_list) if stats_list else float("nan"),
             "attempt": request.attempt, "error": error, "worker": self.worker, **spec_info,
         }
-        return EpisodeResult(episode=episode, chunks=chunk_rows)
+        for sample in sample_rows:
+            sample["episode_success"] = outcome == "success"
+        return EpisodeResult(episode=episode, chunks=chunk_rows, samples=sample_rows)
 
     def close(self) -> None:
         if self.task_env is not None:

@@ -99,13 +99,15 @@ class LiberoTaskEnv:
 
     def __init__(self, spec: TaskSpec, *, render_size: int = 256, num_wait_steps: int = 10,
                  noop_action: list[float] | tuple[float, ...] = (0, 0, 0, 0, 0, 0, -1),
-                 skip_unused_renders: bool = True, soft_reset: bool = True, use_cameras: bool = True):
+                 skip_unused_renders: bool = True, soft_reset: bool = True, use_cameras: bool = True,
+                 init_perturbation_m: float = 0.0):
         from libero.libero.envs import OffScreenRenderEnv
 
         self.spec = spec
         self.num_wait_steps = num_wait_steps
         self.noop_action = np.asarray(noop_action, dtype=np.float64)
         self.soft_reset = soft_reset
+        self.init_perturbation_m = init_perturbation_m
         self.gate = RenderGate() if (skip_unused_renders and use_cameras) else None
         self._make_env = lambda: OffScreenRenderEnv(
             bddl_file_name=spec.bddl_path, camera_heights=render_size, camera_widths=render_size,
@@ -150,6 +152,8 @@ class LiberoTaskEnv:
         for robot in self.robosuite_env.robots:
             robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         raw = self.env.set_init_state(self.spec.init_states[trial])
+        if self.init_perturbation_m > 0:
+            self._perturb_objects(trial)
         if after_init is not None:
             after_init(self.env)
         for i in range(self.num_wait_steps):
@@ -157,6 +161,19 @@ class LiberoTaskEnv:
         if self.num_wait_steps == 0:
             raw = self.render_now()
         return raw
+
+    def _perturb_objects(self, trial: int) -> None:
+        """Shift every movable object in x/y by N(0, init_perturbation_m): new start states for
+        demonstrations, away from the 50 fixed evaluation init states, and reproducible per key."""
+        sim_env = self.robosuite_env
+        rng = np.random.default_rng([self.spec.task_id, trial, 20261123])
+        for name, obj in sim_env.objects_dict.items():
+            if name in sim_env.fixtures_dict or not obj.joints:
+                continue
+            qpos = sim_env.sim.data.get_joint_qpos(obj.joints[-1]).copy()
+            qpos[:2] += rng.normal(0.0, self.init_perturbation_m, 2)
+            sim_env.sim.data.set_joint_qpos(obj.joints[-1], qpos)
+        sim_env.sim.forward()
 
     def _close_gate(self) -> None:
         if self.gate is not None:

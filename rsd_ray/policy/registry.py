@@ -23,7 +23,7 @@ def build_policy(policy: PolicyConfig, decode: DecodeConfig, device: str = "cpu"
         return ScriptedExpert()
     if policy.kind == "rsd":
         from rsd_ray.policy.rsd_policy import RSDPolicy
-        return RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device)
+        return RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device, num_slots=policy.max_batch)
     raise ValueError(f"policy.kind={policy.kind!r} has no builder")
 
 

@@ -74,6 +74,25 @@ CHUNK_SCHEMA = pa.schema([
     pa.field("acceptance", pa.string()),
 ])
 
+# Training samples: what the policy saw at a chunk boundary and the chunk it answered.
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("episode_key", pa.string(), nullable=False),
+    pa.field("suite", pa.string(), nullable=False),
+    pa.field("task_id", pa.int32(), nullable=False),
+    pa.field("trial", pa.int32(), nullable=False),
+    pa.field("chunk_index", pa.int32(), nullable=False),
+    pa.field("step", pa.int32()),
+    pa.field("instruction", pa.string()),
+    pa.field("agentview_png", pa.binary()),                    # [H, W, 3] uint8 as lossless PNG
+    pa.field("wrist_png", pa.binary()),
+    pa.field("proprio", pa.list_(pa.float32(), 8)),
+    pa.field("action_chunk", pa.list_(pa.float32(), 56)),      # [T=8, A=7] row-major
+    pa.field("num_actions_executed", pa.int32()),
+    pa.field("episode_success", pa.bool_()),
+])
+
+SAMPLES_DIR = "samples"
 EPISODES_DIR = "episodes"
 CHUNKS_DIR = "chunks"
 MANIFEST_FILE = "manifest.json"

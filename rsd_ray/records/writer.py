@@ -14,7 +14,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from rsd_ray.records.schema import CHUNK_SCHEMA, CHUNKS_DIR, EPISODE_SCHEMA, EPISODES_DIR
+from rsd_ray.records.schema import (
+    CHUNK_SCHEMA, CHUNKS_DIR, EPISODE_SCHEMA, EPISODES_DIR, SAMPLE_SCHEMA, SAMPLES_DIR,
+)
+
+SCHEMAS = {EPISODES_DIR: EPISODE_SCHEMA, CHUNKS_DIR: CHUNK_SCHEMA, SAMPLES_DIR: SAMPLE_SCHEMA}
 
 
 class CorruptRecordsError(RuntimeError):
@@ -49,6 +53,9 @@ class RecordWriter:
     def write_chunks(self, rows: list[dict[str, Any]]) -> Path | None:
         return _write_part(self.run_dir / CHUNKS_DIR, _table(rows, CHUNK_SCHEMA)) if rows else None
 
+    def write_samples(self, rows: list[dict[str, Any]]) -> Path | None:
+        return _write_part(self.run_dir / SAMPLES_DIR, _table(rows, SAMPLE_SCHEMA)) if rows else None
+
 
 def _part_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("part-*.parquet")) if directory.is_dir() else []
@@ -58,7 +65,9 @@ def read_table(run_dir: str | os.PathLike[str], kind: str = EPISODES_DIR,
                columns: Iterable[str] | None = None) -> pa.Table:
     """All parts of one record kind as one table with the run's schema. A part that is not
     valid Parquet, or has foreign columns, raises CorruptRecordsError naming the file."""
-    schema = EPISODE_SCHEMA if kind == EPISODES_DIR else CHUNK_SCHEMA
+    if kind not in SCHEMAS:
+        raise ValueError(f"record kind {kind!r}; expected one of {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[kind]
     files = _part_files(Path(run_dir) / kind)
     if not files:
         return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
@@ -78,3 +87,24 @@ def read_table(run_dir: str | os.PathLike[str], kind: str = EPISODES_DIR,
 
 def recorded_keys(run_dir: str | os.PathLike[str]) -> set[str]:
     return set(read_table(run_dir, EPISODES_DIR, columns=["episode_key"]).column("episode_key").to_pylist())
+
+
+def read_samples(run_dirs: Iterable[str | os.PathLike[str]]) -> pa.Table:
+    """Training samples of one or more runs, one row per (run, episode key, chunk index): rows of
+    an episode that crashed between its samples and its episode row, and was re-run, are
+    dropped, as are samples of episodes that never got an episode row."""
+    tables = []
+    for run_dir in run_dirs:
+        samples = read_table(run_dir, SAMPLES_DIR)
+        if samples.num_rows == 0:
+            continue
+        keys = recorded_keys(run_dir)
+        seen: set[tuple[str, int]] = set()
+        keep = []
+        for i, (key, chunk) in enumerate(zip(samples.column("episode_key").to_pylist(),
+                                             samples.column("chunk_index").to_pylist())):
+            if key in keys and (key, chunk) not in seen:
+                seen.add((key, chunk))
+                keep.append(i)
+        tables.append(samples.take(keep))
+    return pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
