@@ -35,6 +35,7 @@ class EnvConfig:
     skip_unused_renders: bool = True      # render only steps whose observation is used
     reuse_env: bool = True                # keep the env across trials of a task (soft reset)
     mujoco_gl: str = "egl"                # egl or osmesa (both software-render on a CPU)
+    cameras: str = "auto"                 # auto: off for privileged policies that read no pixels; on; off
 
     def __post_init__(self) -> None:
         check_suite(self.suite)
@@ -49,6 +50,8 @@ class EnvConfig:
             raise ValueError(f"env.noop_action has {len(self.noop_action)} values; expected 7")
         if not 0.0 <= self.init_perturbation_m <= 0.1:
             raise ValueError(f"env.init_perturbation_m={self.init_perturbation_m}; expected 0..0.1 (metres)")
+        if self.cameras not in ("auto", "on", "off"):
+            raise ValueError(f"env.cameras={self.cameras!r}; expected auto, on or off")
         if self.mujoco_gl not in ("egl", "osmesa"):
             raise ValueError(f"env.mujoco_gl={self.mujoco_gl!r}; expected 'egl' or 'osmesa'")
 

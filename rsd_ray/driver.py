@@ -166,7 +166,7 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
 
     from rsd_ray.env.actor import make_env_actor
     from rsd_ray.policy.actor import PolicyServer
-    from rsd_ray.policy.registry import needs_images, needs_privileged_state
+    from rsd_ray.policy.registry import needs_privileged_state, use_cameras
 
     cl = config.cluster
     started_ray = False
@@ -196,7 +196,8 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                                needs_privileged_state=needs_privileged_state(config.policy),
                                record_chunks=config.records.record_chunks,
                                record_samples=config.records.record_samples != "none",
-                               use_cameras=needs_images(config.policy) or config.records.record_samples != "none",
+                               use_cameras=use_cameras(config.env.cameras, config.policy,
+                                                       config.records.record_samples != "none"),
                                max_restarts=cl.env_actor_max_restarts, name=f"rsd-env-{i}-{manifest['run_id']}")
                 for i in range(num_env)]
         run_fields = {"run_id": manifest["run_id"], "policy_name": description.get("name", config.policy.kind),

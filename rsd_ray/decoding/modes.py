@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import torch
 
 from rsd_ray.decoding.acceptance import choose_tokens, judge, parse_acceptance, probabilities
+from rsd_ray.decoding.graphs import (DEFAULT_BUCKETS, GRAPH_MODES, StaticPasses, attention_backends, bucket_for,
+                                     bucket_sizes, effective_graph_mode)
 from rsd_ray.decoding.row_cache import RowOffsetCache, prefill_mask, window_inputs
 from rsd_ray.decoding.slots import COUNTERS, DONE, EMPTY, STEP, VERIFY, SlotTable
 
@@ -49,6 +51,9 @@ class DecodeSettings:
     sample: bool = False             # greedy (False) or sampled
     temperature: float = 1.0         # sampled only: logits / temperature
     num_slots: int = 32              # S (PolicyConfig.max_batch's default)
+    # eager | static | cuda_graph (graphs.py); same tokens on every path, only speed differs
+    graph_mode: str = "eager"
+    graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS   # slot-count buckets of the static passes
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -58,13 +63,17 @@ class DecodeSettings:
             raise ValueError(f"num_slots={self.num_slots}; expected >= 1")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}; expected > 0")
+        if self.graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode={self.graph_mode!r}; expected one of {', '.join(GRAPH_MODES)}")
+        bucket_sizes(self.num_slots, tuple(self.graph_buckets))      # raises on a bad bucket
 
     @classmethod
     def from_config(cls, decode: Any = None, num_slots: int | None = None) -> "DecodeSettings":
         if decode is None:
             decode = cls()
         values = {name: getattr(decode, name) for name in
-                  ("mode", "draft_layers", "acceptance", "sample", "temperature", "num_slots") if hasattr(decode, name)}
+                  ("mode", "draft_layers", "acceptance", "sample", "temperature", "num_slots", "graph_mode",
+                   "graph_buckets") if hasattr(decode, name)}
         if num_slots is not None:
             values["num_slots"] = num_slots
         return cls(**values)
@@ -88,15 +97,27 @@ class DecodeResult:
         return float(self.counters[name][index])
 
 
+class Workspace:
+    """What engines over one model may share: the row-offset cache (S + 1 slots, the last one
+    scratch) and the static passes (graphs.py). Engines sharing one must not run at the same
+    time; the benchmark runs every mode over one 7B-sized cache this way."""
+
+    def __init__(self):
+        self.cache: RowOffsetCache | None = None
+        self.passes: dict[tuple, StaticPasses] = {}
+
+
 class DecodeEngine:
     """Decodes RFSQ tokens for a queue of prefixes with S static slots.
 
-    model: an RSDModel (config, start_inputs, block_inputs, parallel_inputs, logits,
-    run_backbone, backbone.config); draft: a Drafter (speculative mode only).
+    model: an RSDModel (config, start_inputs, block_inputs, parallel_inputs, logits, head,
+    run_backbone, backbone.config); draft: a Drafter (speculative mode only); workspace: share
+    the cache and captured passes with other engines over the same model (default: its own).
     """
 
-    def __init__(self, model, draft: Drafter | None, settings: DecodeSettings):
+    def __init__(self, model, draft: Drafter | None, settings: DecodeSettings, workspace: Workspace | None = None):
         self.model, self.draft, self.settings = model, draft, settings
+        self.workspace = workspace if workspace is not None else Workspace()
         self.rule = parse_acceptance(settings.acceptance)
         c = model.config
         self.T, self.D, self.L, self.V = c.chunk_steps, c.latent_dim, c.num_rfsq_layers, c.num_levels
@@ -106,7 +127,7 @@ class DecodeEngine:
                 raise ValueError("decode mode='speculative' needs a draft model; none was given")
             if not 1 <= self.K < self.L:
                 raise ValueError(f"draft_layers={self.K}; expected 1..{self.L - 1}")
-        self._cache: RowOffsetCache | None = None
+        self._passes: StaticPasses | None = None    # set per run when graph_mode != eager
 
     # ---- helpers ------------------------------------------------------------------------
     @property
@@ -130,12 +151,33 @@ class DecodeEngine:
     def _uniforms(self, table: SlotTable, slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
         return table.uniforms(slots, shape, torch.float64) if self.settings.sample else None
 
+    @property
+    def graph_mode(self) -> str:
+        """The path that runs on this device: cuda_graph falls back to static off CUDA."""
+        return effective_graph_mode(self.settings.graph_mode, self.device)
+
     def _get_cache(self, num_slots: int, max_len: int, window: int) -> RowOffsetCache:
-        c = self._cache
-        if c is None or (c.num_slots, c.max_len, c.window) != (num_slots, max_len, window):
-            self._cache = RowOffsetCache(self.model.backbone.config, num_slots, max_len, window,
-                                         self.dtype, self.device)
-        return self._cache
+        """S + 1 slots: the last is the scratch slot that padded subset passes write to."""
+        ws = self.workspace
+        c = ws.cache
+        if c is None or (c.num_slots, c.max_len, c.window, c.dtype) != (num_slots + 1, max_len, window, self.dtype):
+            ws.cache = None
+            ws.passes = {k: v for k, v in ws.passes.items() if v.cache is None}   # they point at the old cache
+            ws.cache = RowOffsetCache(self.model.backbone.config, num_slots + 1, max_len, window,
+                                      self.dtype, self.device)
+        return ws.cache
+
+    def _get_passes(self, prefix_length: int, max_len: int | None) -> StaticPasses:
+        """Static passes for this shape (max_len None: parallel passes, no cache)."""
+        s = self.settings
+        use_graphs = self.graph_mode == "cuda_graph"
+        cache = self._get_cache(s.num_slots, max_len, self.T) if max_len is not None else None
+        key = (prefix_length, max_len, s.num_slots, tuple(s.graph_buckets), use_graphs, self.dtype)
+        ws = self.workspace
+        if key not in ws.passes:
+            ws.passes[key] = StaticPasses(self.model, cache, s.num_slots, prefix_length,
+                                          max_len if max_len is not None else 0, tuple(s.graph_buckets), use_graphs)
+        return ws.passes[key]
 
     # ---- entry point --------------------------------------------------------------------
     @torch.inference_mode()
@@ -157,10 +199,11 @@ class DecodeEngine:
         prefix_embeds = prefix_embeds.to(device=self.device, dtype=self.dtype)
         prefix_mask = prefix_mask.to(self.device)
         start = self._now()
-        if self.settings.mode == "parallel":
-            result = self._run_parallel(prefix_embeds, prefix_mask, seeds)
-        else:
-            result = self._run_slots(prefix_embeds, prefix_mask, seeds, row_ids)
+        with attention_backends(self.device):
+            if self.settings.mode == "parallel":
+                result = self._run_parallel(prefix_embeds, prefix_mask, seeds)
+            else:
+                result = self._run_slots(prefix_embeds, prefix_mask, seeds, row_ids)
         result.wall_ms = (self._now() - start) * 1e3
         return result
 
@@ -172,15 +215,23 @@ class DecodeEngine:
         counters = {name: torch.zeros(N, dtype=torch.float64) for name in COUNTERS}
         counters["num_accepted_layers"][:] = -1
         S = self.settings.num_slots
+        passes = None
+        if self.graph_mode != "eager":
+            passes = self._get_passes(P, None)
+            passes.prepare(("parallel",))
         for lo in range(0, N, S):
             hi = min(N, lo + S)
             b = hi - lo
             t0 = self._now()
             x = torch.cat([embeds[lo:hi], self.model.parallel_inputs(b).to(embeds.dtype)], dim=1)   # [b, P+L*T, H]
             kmask = torch.cat([pmask[lo:hi], torch.ones(b, L * T, dtype=torch.bool, device=pmask.device)], dim=1)
-            pos = torch.arange(P + L * T, device=embeds.device)[None].expand(b, -1)
-            hidden = self.model.run_backbone(x, pos, prefill_mask(kmask, embeds.dtype), None)
-            probs = self._probs(self.model.logits(hidden[:, P:]))                  # [b, L*T, D, V]
+            mask = prefill_mask(kmask, embeds.dtype)
+            if passes is not None:
+                logits = passes.parallel(x, mask).unflatten(-1, (D, self.V))       # [b, L*T, D, V]
+            else:
+                pos = torch.arange(P + L * T, device=embeds.device)[None].expand(b, -1)
+                logits = self.model.logits(self.model.run_backbone(x, pos, mask, None)[:, P:])
+            probs = self._probs(logits)                                           # [b, L*T, D, V]
             probs = probs.unflatten(1, (L, T)).permute(0, 2, 3, 1, 4)             # [b, T, D, L, V]
             u = None
             if self.settings.sample:
@@ -202,6 +253,12 @@ class DecodeEngine:
         max_len = P + (L + 1) * T
         self._P, self._max_len = P, max_len
         cache = self._get_cache(self.settings.num_slots, max_len, T)
+        self._passes = None
+        if self.graph_mode != "eager":
+            # capture now, while no slot holds a chunk (graphs.py); the table spans a whole bucket
+            self._passes = self._get_passes(P, max_len)
+            self._passes.prepare(("prefill", "step", "verify"), K)
+            S = bucket_for(S, self._passes.sizes)
         table = SlotTable(S, T, D, L, max(K, 1), V, max_len, self.device)
         tokens = torch.zeros(N, T, D, L, dtype=torch.long)
         counters = {name: torch.zeros(N, dtype=torch.float64) for name in COUNTERS}
@@ -240,11 +297,16 @@ class DecodeEngine:
         t0 = self._now()
         x = torch.cat([embeds, self.model.start_inputs(b).to(embeds.dtype)], dim=1)        # [b, P+T, H]
         kmask = torch.cat([pmask, torch.ones(b, T, dtype=torch.bool, device=pmask.device)], dim=1)
-        pos = torch.arange(P + T, device=embeds.device)[None].expand(b, -1)
-        cache.begin_prefill(slots)
-        hidden = self.model.run_backbone(x, pos, prefill_mask(kmask, embeds.dtype), cache)
-        h0 = hidden[:, P:]                                                                # [b, T, H]
-        p0 = self._probs(self.model.logits(h0))                                           # [b, T, D, V]
+        mask = prefill_mask(kmask, embeds.dtype)
+        if self._passes is not None:
+            h0, logits = self._passes.prefill(slots, x, mask)                             # [b, T, H], [b, T, D*V]
+            logits = logits.unflatten(-1, (D, self.V))
+        else:
+            pos = torch.arange(P + T, device=embeds.device)[None].expand(b, -1)
+            cache.begin_prefill(slots)
+            h0 = self.model.run_backbone(x, pos, mask, cache)[:, P:]                      # [b, T, H]
+            logits = self.model.logits(h0)
+        p0 = self._probs(logits)                                                          # [b, T, D, V]
         table.key_mask[slots] = True
         table.key_mask[slots, :P] = pmask
         table.num_done[slots] = 1
@@ -282,9 +344,12 @@ class DecodeEngine:
         x = self.model.block_inputs(prev, layer_ids).to(self.dtype)                      # [b, K*T, H]
         pos, mask = window_inputs(offsets, torch.full_like(offsets, K * T), K * T, self._max_len,
                                   self.dtype, table.key_mask[rows])
-        cache.begin_rows(rows, pos)
-        hidden = self.model.run_backbone(x, pos, mask, cache)
-        p = self._probs(self.model.logits(hidden))                                       # [b, K*T, D, V]
+        if self._passes is not None:
+            logits = self._passes.verify(rows, x, mask, K).unflatten(-1, (D, self.V))
+        else:
+            cache.begin_rows(rows, pos)
+            logits = self.model.logits(self.model.run_backbone(x, pos, mask, cache))
+        p = self._probs(logits)                                                          # [b, K*T, D, V]
         p = p.unflatten(1, (K, T)).permute(0, 2, 3, 1, 4)                               # [b, T, D, K, V]
         verdict = judge(self.rule, prev[..., 1:K], table.draft_probs[rows][..., 1:K, :], p[..., :K - 1, :],
                         self._uniforms(table, rows, (T, D, K - 1)), self._uniforms(table, rows, (T, D, K - 1)))
@@ -302,24 +367,30 @@ class DecodeEngine:
         table.add("num_main_passes", rows, 1)
 
     def _step_pass(self, table: SlotTable, cache: RowOffsetCache) -> None:
-        """One static-shape pass over all S slots, window T: every STEP slot computes its next
-        block (one RFSQ layer); other slots are idle (no valid positions)."""
+        """One static-shape pass over slots [0, b), window T: every STEP slot computes its next
+        block (one RFSQ layer); other slots are idle (no valid positions). Eager: b = S; static
+        passes: b = the smallest bucket holding every STEP slot."""
         T, D, L, P = self.T, self.D, self.L, self._P
-        S = table.num_slots
         step = table.phase == STEP                                                      # [S]
         t0 = self._now()
-        m = table.num_done                                                              # [S]
-        offsets = P + m * T
-        num_valid = torch.where(step, T, 0)
-        last = (m - 1).clamp(min=0)[:, None, None, None].expand(S, T, D, 1)
-        prev = table.tokens.gather(3, last)                                             # [S, T, D, 1]
-        layer_ids = m.clamp(max=L - 1)[:, None]                                         # [S, 1]
-        x = self.model.block_inputs(prev, layer_ids).to(self.dtype)                    # [S, T, H]
-        pos, mask = window_inputs(offsets, num_valid, T, self._max_len, self.dtype, table.key_mask)
-        cache.begin_window(pos)
-        hidden = self.model.run_backbone(x, pos, mask, cache)
-        probs = self._probs(self.model.logits(hidden))                                  # [S, T, D, V]
         rows = torch.nonzero(step).flatten()
+        b = table.num_slots
+        if self._passes is not None:
+            b = bucket_for(int(rows[-1]) + 1, self._passes.sizes)
+        m = table.num_done[:b]                                                          # [b]
+        offsets = P + m * T
+        num_valid = torch.where(step[:b], T, 0)
+        last = (m - 1).clamp(min=0)[:, None, None, None].expand(b, T, D, 1)
+        prev = table.tokens[:b].gather(3, last)                                         # [b, T, D, 1]
+        layer_ids = m.clamp(max=L - 1)[:, None]                                         # [b, 1]
+        x = self.model.block_inputs(prev, layer_ids).to(self.dtype)                    # [b, T, H]
+        pos, mask = window_inputs(offsets, num_valid, T, self._max_len, self.dtype, table.key_mask[:b])
+        if self._passes is not None:
+            logits = self._passes.step(x, pos, mask).unflatten(-1, (D, self.V))
+        else:
+            cache.begin_window(pos)
+            logits = self.model.logits(self.model.run_backbone(x, pos, mask, cache))
+        probs = self._probs(logits)                                                     # [b, T, D, V]
         new = choose_tokens(probs[rows], self._uniforms(table, rows, (T, D)))           # [b, T, D]
         sub = table.tokens[rows]
         sub.scatter_(3, m[rows][:, None, None, None].expand(-1, T, D, 1), new[..., None])

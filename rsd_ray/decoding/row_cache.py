@@ -16,6 +16,9 @@ positions [0, q) of the chosen rows and attends only to the new keys; `begin_row
 per-row-offset window (the speculative verification) for the chosen rows only.
 
 Buffers are zero-initialised: NaN in a masked slot would still leak (0 x NaN).
+The engine allocates one slot more than it decodes with (index S, the *scratch slot*): the
+fixed-shape subset passes of graphs.py pad their rows with it, so padding never touches a slot
+that holds a chunk.
 """
 from __future__ import annotations
 
@@ -126,6 +129,15 @@ class RowOffsetCache(Cache):
         buf.copy_(write_pos)
         self.write_pos = buf
         self.rows, self.prefill = None, False
+
+    def bind(self, rows: torch.Tensor | None, write_pos: torch.Tensor | None, prefill: bool) -> None:
+        """Point the next forward at caller-owned static buffers, without the range checks
+        (they read the device: not allowed while a CUDA graph is captured). graphs.py checks
+        its positions once, when it fills the buffers.
+        rows: [b] long slot ids or None (slots [0, b)); write_pos: [b, W] long or None (prefill)."""
+        self.rows, self.prefill = rows, prefill
+        if write_pos is not None:
+            self.write_pos = write_pos
 
     def reset(self) -> None:
         for layer in self.layers:

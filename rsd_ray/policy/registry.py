@@ -49,6 +49,12 @@ def checkpoint_hash(path: str | None) -> str:
 
 
 def needs_images(policy: PolicyConfig) -> bool:
-    """A privileged expert reads the simulator, not pixels: its envs skip the cameras entirely
-    (outcomes are unchanged, physics does not depend on rendering)."""
+    """A privileged expert reads the simulator, not pixels: its envs may skip the cameras
+    entirely (outcomes are unchanged, physics does not depend on rendering)."""
     return policy.kind != "expert"
+
+
+def use_cameras(cameras: str, policy: PolicyConfig, recording_samples: bool) -> bool:
+    if cameras != "auto":
+        return cameras == "on"
+    return needs_images(policy) or recording_samples
