@@ -353,12 +353,29 @@ def test_report_module_on_a_plain_run_without_chunks(tmp_path):
 # ---- notebook and imports ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def notebook_run_dirs(sweep_dir) -> tuple[str, str]:
-    """(RSD_RUN_DIRS, RSD_BASELINE) for the notebook test. Constructed records for now; swap this
-    fixture for one that produces a small real run with the evaluator."""
-    return str(sweep_dir / "*"), str(sweep_dir / "ar")
+def notebook_run_dirs(ray_local, tmp_path_factory) -> tuple[str, str]:
+    """(RSD_RUN_DIRS, RSD_BASELINE) for the notebook test: two small REAL runs of the evaluator
+    (LIBERO envs in Ray actors, a tiny random RSD checkpoint), autoregressive as the baseline and
+    speculative K=3, on the same episode keys."""
+    from rsd_ray.config import ClusterConfig, DecodeConfig, EnvConfig, EvalConfig, PolicyConfig, RecordsConfig
+    from rsd_ray.driver import run_eval
+    from rsd_ray.policy.checkpoint import build_random_checkpoint
+    from rsd_ray.policy.configuration_rsd import RSDConfig
+
+    root = tmp_path_factory.mktemp("real_runs")
+    checkpoint = build_random_checkpoint(root / "tiny_rsd", RSDConfig.tiny(), seed=0)
+    for name, mode in (("ar", "autoregressive"), ("spec", "speculative")):
+        run_eval(EvalConfig(
+            env=EnvConfig(suite="libero_spatial", task_ids=[0, 1], num_trials=2, max_steps=16),
+            policy=PolicyConfig(kind="rsd", checkpoint=str(checkpoint), max_batch=4),
+            decode=DecodeConfig(mode=mode, draft_layers=3),
+            records=RecordsConfig(output_dir=str(root / "runs"), run_name=name),
+            cluster=ClusterConfig(num_env_actors=2, show_progress=False)))
+    return str(root / "runs" / "*"), str(root / "runs" / "ar")
 
 
+@pytest.mark.libero
+@pytest.mark.ray
 def test_notebook_executes_headless(notebook_run_dirs, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
