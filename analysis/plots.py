@@ -384,7 +384,8 @@ def _task_label(suite: str, task_id: int, task_name) -> str:
         short_suite = str(suite)
     if task_id < 0:
         return f"{short_suite}: all tasks"
-    name = "" if task_name is None or pd.isna(task_name) else str(task_name)
+    # LIBERO task names are snake_case: one 'word' that textwrap would shorten to nothing.
+    name = "" if task_name is None or pd.isna(task_name) else str(task_name).replace("_", " ")
     if not name:
         return f"{short_suite} {task_id}"
     # Two short lines keep the bars, not the names, taking most of the width.

@@ -184,15 +184,16 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
         gpus_per_policy = cl.policy_num_gpus if cl.policy_num_gpus is not None else (1.0 if num_gpus >= 1 else 0.0)
         policy_cls = ray.remote(PolicyServer)
         # Named so operators (and the fault-tolerance tests) can find them: rsd-policy-<i>-<run_id>.
-        policies = [policy_cls.options(name=f"rsd-policy-{i}-{manifest['run_id']}", num_cpus=cl.policy_num_cpus,
+        policy_names = [f"rsd-policy-{i}-{manifest['run_id']}" for i in range(cl.num_policy_actors)]
+        policies = [policy_cls.options(name=name, num_cpus=cl.policy_num_cpus,
                                        num_gpus=gpus_per_policy, max_concurrency=1000, max_restarts=3)
-                    .remote(config.policy, config.decode) for i in range(cl.num_policy_actors)]
+                    .remote(config.policy, config.decode) for name in policy_names]
         # Fails fast with the policy's own error (missing checkpoint, bad config) instead of
         # turning every episode into an error row.
         description = ray.get(policies[0].describe.remote())
         manifest["policy"].update(description)
         write_manifest(run_dir, manifest)
-        envs = [make_env_actor(config.env, policies[i % len(policies)],
+        envs = [make_env_actor(config.env, policy_names[i % len(policies)],
                                needs_privileged_state=needs_privileged_state(config.policy),
                                record_chunks=config.records.record_chunks,
                                record_samples=config.records.record_samples != "none",

@@ -18,8 +18,10 @@ Passes, one per slot-count bucket b (buckets default 1, 8, 32, 64, capped at S a
               cache positions [0, P+T); returns block-0 hidden [b, T, H] and logits [b, T, D*V]
     verify    rows [b]; embeds [b, K*T, H]; mask [b, 1, K*T, Lalloc]; positions P+T .. P+(K+1)T-1
               (every verified row is at block 1); returns logits [b, K*T, D*V]
-    step      slots [0, b); embeds [b, T, H]; position ids = write positions [b, T];
-              mask [b, 1, T, Lalloc]; returns logits [b, T, D*V]
+    step      slots [0, b); inputs are the slot table's own state: num_done [b], active [b],
+              tokens [b, T, D, L], key_mask [b, Lalloc]; the block inputs, positions (= write
+              positions) and mask are computed inside the pass, so a step costs the host four
+              small copies and one replay; returns logits [b, T, D*V]
     parallel  no cache; embeds [b, P+L*T, H]; mask [b, 1, P+L*T, P+L*T]; returns logits [b, L*T, D*V]
 
 Subset passes (prefill, verify, parallel) pad their rows up to the bucket: padded rows point at
@@ -40,6 +42,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from rsd_ray.decoding.row_cache import window_inputs
 
 GRAPH_MODES = ("eager", "static", "cuda_graph")
 DEFAULT_BUCKETS = (1, 8, 32, 64)
@@ -84,22 +88,26 @@ def attention_backends(device: torch.device):
 
 @dataclass
 class StaticPass:
-    """One fixed-shape pass: its input buffers, the function that runs on them, its graph."""
+    """One fixed-shape pass: its input buffers, the function that runs on them, its graph.
+
+    inputs (prefill, verify, parallel): rows [b] long slot ids (not parallel), embeds [b, W, H],
+    position_ids [b, W] long (also the cache write positions), mask [b, 1, W, Lk] additive.
+    inputs (step): num_done [b] long, active [b] bool, tokens [b, T, D, L] long,
+    key_mask [b, Lalloc] bool, position_ids [b, T] long (written by the pass itself).
+    """
 
     kind: str
     bucket: int
-    rows: torch.Tensor | None          # [b] long slot ids (prefill, verify); None otherwise
-    embeds: torch.Tensor               # [b, W, H]
-    position_ids: torch.Tensor         # [b, W] long; also the cache write positions
-    mask: torch.Tensor                 # [b, 1, W, Lk] additive
+    inputs: dict[str, torch.Tensor]
     fn: Callable[[], tuple[torch.Tensor, ...]]
     graph: "torch.cuda.CUDAGraph | None" = None
     outputs: tuple[torch.Tensor, ...] = ()   # the captured outputs (graph mode)
 
     def run(self) -> tuple[torch.Tensor, ...]:
-        """Runs on what the buffers hold now; returns copies of the outputs."""
+        """Runs on what the buffers hold now. A replay's outputs are copied out: the next
+        replay of this graph overwrites them."""
         if self.graph is None:
-            return tuple(t.clone() for t in self.fn())
+            return self.fn()
         self.graph.replay()
         return tuple(t.clone() for t in self.outputs)
 
@@ -139,14 +147,42 @@ class StaticPasses:
         return self.model.head.weight.dtype
 
     # ---- building -----------------------------------------------------------------------
+    def _new_step(self, bucket: int) -> StaticPass:
+        dev, dt = self.device, self.dtype
+        c = self.model.config
+        model, cache, P, T, L, max_len = self.model, self.cache, self.P, self.T, self.L, self.max_len
+        inputs = {"num_done": torch.zeros(bucket, dtype=torch.long, device=dev),
+                  "active": torch.zeros(bucket, dtype=torch.bool, device=dev),
+                  "tokens": torch.zeros(bucket, T, c.latent_dim, L, dtype=torch.long, device=dev),
+                  "key_mask": torch.ones(bucket, max_len, dtype=torch.bool, device=dev),
+                  "position_ids": P + torch.arange(T, device=dev)[None].repeat(bucket, 1)}
+        m, tokens, position_ids = inputs["num_done"], inputs["tokens"], inputs["position_ids"]
+
+        def fn():
+            # the same ops as the engine's eager step (modes.py), on static buffers
+            num_valid = torch.where(inputs["active"], T, 0)
+            last = (m - 1).clamp(min=0)[:, None, None, None].expand(bucket, T, c.latent_dim, 1)
+            prev = tokens.gather(3, last)                                              # [b, T, D, 1]
+            x = model.block_inputs(prev, m.clamp(max=L - 1)[:, None]).to(dt)          # [b, T, H]
+            pos, mask = window_inputs(P + m * T, num_valid, T, max_len, dt, inputs["key_mask"])
+            position_ids.copy_(pos)                  # in place: the cache reads its write positions here
+            cache.bind(None, position_ids, prefill=False)
+            return (model.head(model.run_backbone(x, position_ids, mask, cache)),)
+        return StaticPass("step", bucket, inputs, fn)
+
     def _new_pass(self, kind: str, bucket: int, width: int, key_len: int, first_pos: int,
                   subset: bool) -> StaticPass:
+        if kind == "step":
+            return self._new_step(bucket)
         dev, dt = self.device, self.dtype
         rows = torch.full((bucket,), self.scratch, dtype=torch.long, device=dev) if subset else None
         embeds = torch.zeros(bucket, width, self.H, dtype=dt, device=dev)
         position_ids = (first_pos + torch.arange(width, device=dev))[None].repeat(bucket, 1)
         mask = torch.zeros(bucket, 1, width, key_len, dtype=dt, device=dev)
-        model, cache, P, T = self.model, self.cache, self.P, self.T
+        inputs = {"embeds": embeds, "position_ids": position_ids, "mask": mask}
+        if rows is not None:
+            inputs["rows"] = rows
+        model, cache, P = self.model, self.cache, self.P
 
         if kind == "prefill":
             def fn():
@@ -158,17 +194,13 @@ class StaticPasses:
             def fn():
                 cache.bind(rows, position_ids, prefill=False)
                 return (model.head(model.run_backbone(embeds, position_ids, mask, cache)),)
-        elif kind == "step":
-            def fn():
-                cache.bind(None, position_ids, prefill=False)
-                return (model.head(model.run_backbone(embeds, position_ids, mask, cache)),)
         elif kind == "parallel":
             def fn():
                 hidden = model.run_backbone(embeds, position_ids, mask, None)
                 return (model.head(hidden[:, P:]),)
         else:
             raise ValueError(f"pass kind={kind!r}; expected one of {', '.join(PASS_KINDS)}")
-        return StaticPass(kind, bucket, rows, embeds, position_ids, mask, fn)
+        return StaticPass(kind, bucket, inputs, fn)
 
     def _shape(self, kind: str, num_draft_layers: int) -> tuple[int, int, int]:
         """(width W, key length, first position) of a pass kind."""
@@ -220,13 +252,14 @@ class StaticPasses:
     def _fill_subset(self, p: StaticPass, rows: torch.Tensor | None, embeds: torch.Tensor,
                      mask: torch.Tensor) -> None:
         n = embeds.shape[0]
-        p.embeds[:n].copy_(embeds)
-        p.embeds[n:].zero_()
-        p.mask[:n].copy_(mask)
-        p.mask[n:].zero_()
+        buf = p.inputs
+        buf["embeds"][:n].copy_(embeds)
+        buf["embeds"][n:].zero_()
+        buf["mask"][:n].copy_(mask)
+        buf["mask"][n:].zero_()
         if rows is not None:
-            p.rows[:n].copy_(rows)
-            p.rows[n:].fill_(self.scratch)
+            buf["rows"][:n].copy_(rows)
+            buf["rows"][n:].fill_(self.scratch)
 
     def prefill(self, rows: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """rows [n] slot ids; embeds [n, P+T, H]; mask [n, 1, P+T, P+T].
@@ -246,16 +279,21 @@ class StaticPasses:
         self._fill_subset(p, rows, embeds, mask)
         return p.run()[0][:n]
 
-    def step(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Slots [0, b), b a bucket: embeds [b, T, H]; position_ids [b, T] long (= write
-        positions, < Lalloc); mask [b, 1, T, Lalloc]. Returns logits [b, T, D*V]."""
-        b = embeds.shape[0]
+    def step(self, num_done: torch.Tensor, active: torch.Tensor, tokens: torch.Tensor,
+             key_mask: torch.Tensor) -> torch.Tensor:
+        """Slots [0, b), b a bucket size: num_done [b] long in [0, L] (RFSQ layers final, so the
+        window starts at P + num_done*T); active [b] bool (False: idle, no valid positions);
+        tokens [b, T, D, L] long (the layer before each block is read from it);
+        key_mask [b, Lalloc] bool. Returns logits [b, T, D*V]."""
+        b = num_done.shape[0]
         if b not in self.sizes:
             raise ValueError(f"step pass over {b} slots; expected a bucket size, one of {self.sizes}")
         p = self.get("step", b)
-        p.embeds.copy_(embeds)
-        p.position_ids.copy_(position_ids)
-        p.mask.copy_(mask)
+        buf = p.inputs
+        buf["num_done"].copy_(num_done)
+        buf["active"].copy_(active)
+        buf["tokens"].copy_(tokens)
+        buf["key_mask"].copy_(key_mask)
         return p.run()[0]
 
     def parallel(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,10 @@ observation before the next step; the new rows' prefill (width P+T) and verifica
 width K*T) run on those rows only, outside the static part, so a row that is verifying never
 makes the stepping rows pay for a K*T-wide pass, and a row that rejected early never waits
 for one that accepted everything.
+
+`DecodeSettings.graph_mode` chooses how each pass runs (graphs.py): `eager` (build tensors,
+call the backbone), `static` (fixed-shape passes on static buffers per slot-count bucket, run
+eagerly) or `cuda_graph` (those passes captured and replayed). Same tokens on every path.
 """
 from __future__ import annotations
 
@@ -128,6 +132,7 @@ class DecodeEngine:
             if not 1 <= self.K < self.L:
                 raise ValueError(f"draft_layers={self.K}; expected 1..{self.L - 1}")
         self._passes: StaticPasses | None = None    # set per run when graph_mode != eager
+        self._graph_mode, self._graph_mode_for = settings.graph_mode, None
 
     # ---- helpers ------------------------------------------------------------------------
     @property
@@ -154,7 +159,10 @@ class DecodeEngine:
     @property
     def graph_mode(self) -> str:
         """The path that runs on this device: cuda_graph falls back to static off CUDA."""
-        return effective_graph_mode(self.settings.graph_mode, self.device)
+        if self._graph_mode_for != self.device:
+            self._graph_mode = effective_graph_mode(self.settings.graph_mode, self.device)   # warns once
+            self._graph_mode_for = self.device
+        return self._graph_mode
 
     def _get_cache(self, num_slots: int, max_len: int, window: int) -> RowOffsetCache:
         """S + 1 slots: the last is the scratch slot that padded subset passes write to."""
@@ -178,6 +186,19 @@ class DecodeEngine:
             ws.passes[key] = StaticPasses(self.model, cache, s.num_slots, prefix_length,
                                           max_len if max_len is not None else 0, tuple(s.graph_buckets), use_graphs)
         return ws.passes[key]
+
+    @torch.inference_mode()
+    def static_passes(self, prefix_length: int, parallel: bool = False) -> StaticPasses:
+        """This engine's static passes for prefixes of length P, built (and in cuda_graph mode
+        captured) now: prefill, step and (speculative) verify, or with parallel=True the
+        parallel-mode passes. For benchmarks that time one pass; call only between runs."""
+        if self.graph_mode == "eager":
+            raise ValueError("static_passes() needs graph_mode 'static' or 'cuda_graph'; this engine is eager")
+        max_len = None if parallel else prefix_length + (self.L + 1) * self.T
+        passes = self._get_passes(prefix_length, max_len)
+        with attention_backends(self.device):
+            passes.prepare(("parallel",) if parallel else ("prefill", "step", "verify"), self.K)
+        return passes
 
     # ---- entry point --------------------------------------------------------------------
     @torch.inference_mode()
@@ -369,25 +390,27 @@ class DecodeEngine:
     def _step_pass(self, table: SlotTable, cache: RowOffsetCache) -> None:
         """One static-shape pass over slots [0, b), window T: every STEP slot computes its next
         block (one RFSQ layer); other slots are idle (no valid positions). Eager: b = S; static
-        passes: b = the smallest bucket holding every STEP slot."""
+        passes: b = the smallest bucket holding every STEP slot, inputs built inside the pass."""
         T, D, L, P = self.T, self.D, self.L, self._P
         step = table.phase == STEP                                                      # [S]
         t0 = self._now()
         rows = torch.nonzero(step).flatten()
-        b = table.num_slots
         if self._passes is not None:
+            # num_done <= L keeps every write position below Lalloc = P + (L+1)*T
             b = bucket_for(int(rows[-1]) + 1, self._passes.sizes)
-        m = table.num_done[:b]                                                          # [b]
-        offsets = P + m * T
-        num_valid = torch.where(step[:b], T, 0)
-        last = (m - 1).clamp(min=0)[:, None, None, None].expand(b, T, D, 1)
-        prev = table.tokens[:b].gather(3, last)                                         # [b, T, D, 1]
-        layer_ids = m.clamp(max=L - 1)[:, None]                                         # [b, 1]
-        x = self.model.block_inputs(prev, layer_ids).to(self.dtype)                    # [b, T, H]
-        pos, mask = window_inputs(offsets, num_valid, T, self._max_len, self.dtype, table.key_mask[:b])
-        if self._passes is not None:
-            logits = self._passes.step(x, pos, mask).unflatten(-1, (D, self.V))
+            logits = self._passes.step(table.num_done[:b], step[:b], table.tokens[:b], table.key_mask[:b])
+            logits = logits.unflatten(-1, (D, self.V))
+            m = table.num_done
         else:
+            S = table.num_slots
+            m = table.num_done                                                          # [S]
+            offsets = P + m * T
+            num_valid = torch.where(step, T, 0)
+            last = (m - 1).clamp(min=0)[:, None, None, None].expand(S, T, D, 1)
+            prev = table.tokens.gather(3, last)                                         # [S, T, D, 1]
+            layer_ids = m.clamp(max=L - 1)[:, None]                                     # [S, 1]
+            x = self.model.block_inputs(prev, layer_ids).to(self.dtype)                # [S, T, H]
+            pos, mask = window_inputs(offsets, num_valid, T, self._max_len, self.dtype, table.key_mask)
             cache.begin_window(pos)
             logits = self.model.logits(self.model.run_backbone(x, pos, mask, cache))
         probs = self._probs(logits)                                                     # [b, T, D, V]

@@ -18,10 +18,12 @@ from rsd_ray.env.libero_env import configure_renderer
 
 
 class EnvWorker:
-    def __init__(self, env_config: EnvConfig, policy_actor: Any, *, needs_privileged_state: bool,
+    def __init__(self, env_config: EnvConfig, policy_actor_name: str, *, needs_privileged_state: bool,
                  record_chunks: bool, record_samples: bool = False, use_cameras: bool = True):
         configure_renderer(env_config.mujoco_gl)
-        self.policy_actor = policy_actor
+        # By name, not by handle: a restarted actor must not depend on a constructor argument
+        # that lives in the object store (ray-project/ray#53727).
+        self.policy_actor = ray.get_actor(policy_actor_name)
         self.runner = EpisodeRunner(env_config, self._ask_policy, needs_privileged_state=needs_privileged_state,
                                     record_chunks=record_chunks, record_samples=record_samples,
                                     use_cameras=use_cameras)
@@ -45,7 +47,7 @@ class EnvWorker:
         self.runner.close()
 
 
-def make_env_actor(env_config: EnvConfig, policy_actor: Any, *, needs_privileged_state: bool,
+def make_env_actor(env_config: EnvConfig, policy_actor_name: str, *, needs_privileged_state: bool,
                    record_chunks: bool, max_restarts: int, record_samples: bool = False, use_cameras: bool = True,
                    name: str | None = None) -> Any:
     # max_task_retries=0: a call lost with a dead actor is re-queued by the driver, which counts
@@ -53,5 +55,5 @@ def make_env_actor(env_config: EnvConfig, policy_actor: Any, *, needs_privileged
     cls = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0)(EnvWorker)
     if name:
         cls = cls.options(name=name)
-    return cls.remote(env_config, policy_actor, needs_privileged_state=needs_privileged_state,
+    return cls.remote(env_config, policy_actor_name, needs_privileged_state=needs_privileged_state,
                       record_chunks=record_chunks, record_samples=record_samples, use_cameras=use_cameras)

@@ -7,6 +7,8 @@ lists, dicts) so it can cross a Ray boundary inside `Observation.privileged`. Ke
   OSC controller drives, `eef_vel` [3] m/s, `gripper_qpos` [2] (finger joints, +/-0.04 open)
 - `goal`: the BDDL goal predicates, e.g. [["on", "akita_black_bowl_1", "plate_1"]]
 - `table_top_z`: world z of the table surface
+- `fixture_boxes` [N, 6]: world AABB (min xyz, max xyz) of every collision geom of every
+  fixture (cabinet panels, drawer walls, stove parts)
 - `objects`: name -> dict for every movable object, every fixture, and every region named in
   the goal (with its parent fixture):
     `kind` "object" | "fixture" | "site"; `pos` [3] world; `quat_wxyz` [4];
@@ -175,6 +177,11 @@ def read_privileged_state(env: Any) -> dict[str, Any]:
             if name in problem.object_sites_dict and name not in objects:
                 objects[name] = _site_entry(problem, name)
 
+    # Every collision geom of every fixture as a world box: lets the expert see overhangs
+    # (a cabinet's top panel above a drawer) that the fixture's single box hides.
+    boxes = [np.concatenate(_geom_boxes(sim, problem.obj_body_id[name]), axis=1)
+             for name in problem.fixtures_dict if name in problem.obj_body_id]
+    fixture_boxes = np.concatenate(boxes, axis=0) if boxes else np.zeros((0, 6))
     table_top_z = float(problem.workspace_offset[2]) if hasattr(problem, "workspace_offset") else 0.9
     return {
         "eef_pos": eef_pos,
@@ -185,4 +192,5 @@ def read_privileged_state(env: Any) -> dict[str, Any]:
         "goal": goal,
         "table_top_z": table_top_z,
         "objects": objects,
+        "fixture_boxes": fixture_boxes,           # [N, 6] world min xyz, max xyz
     }

@@ -45,6 +45,7 @@ class ExpertConfig:
     hover_m: float = 0.08                # approach height above the grasp point
     bowl_rim_offset_m: float = 0.047     # eef distance from the bowl centre for a rim grasp
     bowl_rim_depth_m: float = 0.015      # grasp this far below the rim
+    bowl_overhang_offset_m: float = 0.065  # rim grasp under an overhang: further out
     grasp_depth_m: float = 0.025         # other objects: this far below their top ...
     tall_object_m: float = 0.08          # ... objects taller than this (cartons, bottles) ...
     tall_grasp_depth_m: float = 0.03     # ... as deep as the hand's underside allows
@@ -79,6 +80,7 @@ class _Plan:
     target: str
     relation: str            # "on" | "in"
     grasp: np.ndarray        # [3] eef position at grasp
+    yaw: float               # rad about world z, from the start orientation, at grasp
     lift_z: float            # eef height while carrying
     place_xy: np.ndarray     # [2] where the object's body origin must end up
     place_bottom_z: float    # object bottom height at release
@@ -90,6 +92,7 @@ class _Episode:
     phase: str = "approach"
     phase_steps: int = 0
     plan: _Plan | None = None
+    start_mat: np.ndarray | None = None       # [3, 3] eef orientation after the wait steps
     goal_mat: np.ndarray | None = None        # [3, 3] eef orientation to hold
     hold_offset: np.ndarray | None = None     # [3] object origin minus eef, while held
     hang_m: float = 0.0                       # eef height above the held object's bottom
@@ -167,7 +170,8 @@ class ScriptedExpert(Policy):
             raise ValueError(f"ScriptedExpert needs Observation.privileged for {obs.episode_key!r}; "
                              "got None (does the env side honour needs_privileged_state?)")
         if obs.chunk_index == 0 or obs.episode_key not in self._episodes:
-            self._episodes[obs.episode_key] = _Episode(goal_mat=np.asarray(state["eef_mat"]).copy())
+            start = np.asarray(state["eef_mat"], dtype=np.float64).copy()
+            self._episodes[obs.episode_key] = _Episode(start_mat=start, goal_mat=start.copy())
         ep = self._episodes[obs.episode_key]
         chunk = np.zeros((CHUNK_STEPS, ACTION_DIM), dtype=np.float64)   # [T, A]
         if self.unsupported_reason(state["goal"]):
@@ -218,11 +222,20 @@ class ScriptedExpert(Policy):
         lo, hi = np.asarray(obj["aabb_min"]), np.asarray(obj["aabb_max"])
         centre = (lo + hi) / 2.0
         eef = np.asarray(state["eef_pos"])
+        yaw = 0.0
         if "bowl" in obj_name:
             # Pinch the rim wall on the side nearer the gripper's current y.
             side = 1.0 if eef[1] >= centre[1] else -1.0
             grasp = np.array([centre[0], centre[1] + side * cfg.bowl_rim_offset_m,
                               hi[2] - cfg.bowl_rim_depth_m])
+            away = _away_from_overhang(state.get("fixture_boxes"), lo, hi)
+            if away is not None:
+                # A panel just above the rim (a bowl in a drawer under the cabinet top):
+                # pinch the rim on the far side, fingers closing radially, and far enough
+                # out that the inner finger stays clear of the panel's edge.
+                grasp[:2] = centre[:2] + cfg.bowl_overhang_offset_m * away
+                yaw = float(np.arctan2(away[1], away[0]) - np.pi / 2)
+                yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2      # closing axis is symmetric
         else:
             depth = cfg.tall_grasp_depth_m if hi[2] - lo[2] > cfg.tall_object_m else cfg.grasp_depth_m
             grasp = np.array([centre[0], centre[1],
@@ -264,7 +277,7 @@ class ScriptedExpert(Policy):
             if _segment_hits_box(path_a, path_b, o_lo[:2] - 0.03, o_hi[:2] + 0.03):
                 top = max(top, float(o_hi[2]))
         lift_z = max(grasp[2] + cfg.hover_m, top + hang + cfg.clearance_m)
-        return _Plan(obj=obj_name, target=target_name, relation=relation, grasp=grasp,
+        return _Plan(obj=obj_name, target=target_name, relation=relation, grasp=grasp, yaw=yaw,
                      lift_z=float(lift_z), place_xy=place_xy, place_bottom_z=float(place_bottom),
                      obj_bottom_z=float(lo[2]))
 
@@ -324,15 +337,17 @@ class ScriptedExpert(Policy):
         cfg = self.config
         if ep.plan is None:
             ep.plan = self._make_plan(state)
+        if ep.phase == "approach" and ep.phase_steps == 0:
+            ep.plan = self._make_plan(state)
         plan = ep.plan
+        cos, sin = np.cos(plan.yaw), np.sin(plan.yaw)
+        ep.goal_mat = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ ep.start_mat
         obj = state["objects"][plan.obj]
         eef = np.asarray(state["eef_pos"])
         obj_pos = np.asarray(obj["pos"])
         stalled = (ep.expected_z is not None and ep.start_z is not None
                    and (ep.start_z - eef[2]) < 0.3 * (ep.start_z - ep.expected_z)
                    and (ep.start_z - ep.expected_z) > 0.01)
-        if ep.phase == "approach" and ep.phase_steps == 0:
-            ep.plan = plan = self._make_plan(state)
         if ep.phase == "approach" and ep.phase_steps > 0:
             err = plan.grasp + np.array([0.0, 0.0, cfg.hover_m]) - eef
             rot_err = np.linalg.norm(_axis_angle(ep.goal_mat @ np.asarray(state["eef_mat"]).T))
@@ -348,6 +363,11 @@ class ScriptedExpert(Policy):
                 self._set_phase(ep, "grasp")
         elif ep.phase == "lift":
             lifted = float(eef[2] - plan.grasp[2])
+            rise_expected = (ep.expected_z - ep.start_z) if ep.expected_z is not None and ep.start_z is not None else 0.0
+            if rise_expected > 0.02 and (eef[2] - ep.start_z) < 0.2 * rise_expected:
+                # Held down by something above (a cabinet panel over a drawer).
+                self._retry(ep, f"lift blocked at z {eef[2]:.3f}")
+                return
             if lifted > 0.03:
                 if float(obj["aabb_min"][2]) < plan.obj_bottom_z + 0.5 * lifted:
                     self._retry(ep, f"grasp did not hold on lift (eef +{lifted:.3f}, object "
@@ -434,6 +454,27 @@ class ScriptedExpert(Policy):
             else:
                 return pred.pos + np.array([0.0, 0.0, 0.02]), OPEN
         return pred.pos.copy(), OPEN   # done: hold still until the boundary retries
+
+
+def _away_from_overhang(boxes: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
+    """Unit xy direction [2] from fixture parts overhanging an object (AABB lo, hi [3]) just
+    above its top, toward the open side; None when nothing overhangs it."""
+    if boxes is None or len(boxes) == 0:
+        return None
+    boxes = np.asarray(boxes)
+    b_lo, b_hi = boxes[:, :3], boxes[:, 3:]
+    over = ((b_lo[:, 2] > hi[2] - 0.01) & (b_lo[:, 2] < hi[2] + 0.06)
+            & np.all(b_lo[:, :2] < hi[None, :2], axis=1) & np.all(b_hi[:, :2] > lo[None, :2], axis=1))
+    if not over.any():
+        return None
+    centre = (lo[:2] + hi[:2]) / 2.0
+    # Weight each overhanging part by how much of the object's footprint it covers.
+    covered = (np.clip(np.minimum(b_hi[over, :2], hi[:2]) - np.maximum(b_lo[over, :2], lo[:2]), 0, None))
+    area = covered[:, 0] * covered[:, 1]
+    part_centre = (np.maximum(b_lo[over, :2], lo[:2]) + np.minimum(b_hi[over, :2], hi[:2])) / 2.0
+    pull = (area[:, None] * (centre - part_centre)).sum(axis=0)
+    norm = np.linalg.norm(pull)
+    return pull / norm if norm > 1e-9 else None
 
 
 def _segment_hits_box(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:

@@ -1,0 +1,230 @@
+"""Training an RSD policy on recorded samples: dataset, teacher-forced forward, draft targets.
+
+The training sequence is the inference sequence with every RFSQ layer's gold tokens known:
+
+    [prefix (P)] [block 0: start embedding] [block 1: embed(gold layer 0)] ... [block L-1: embed(gold layer L-2)]
+
+at positions 0 .. P + L*T - 1 under the causal mask `prefill_mask` builds for the engine's
+prefill, so block l's output is what `autoregressive` decoding computes at block l when the
+model's own layers < l equal the gold ones (teacher forcing). One backbone pass gives the
+logits of all L layers; the loss is the cross-entropy over every [T, D, L] token.
+
+The draft is trained afterwards, on the frozen main model: its input is the main model's
+block-0 hidden states [B, T, H] (what the engine hands it after the prefill), its targets the
+first K layers of the main model's own greedy `autoregressive` tokens (distillation: under
+`exact` acceptance a proposal is accepted when it equals the main model's argmax, so that is
+the target that maximises acceptance) or, with `target="gold"`, the demonstrations' tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsd_ray.decoding.row_cache import prefill_mask
+from rsd_ray.policy.checkpoint import ProprioStats
+from rsd_ray.policy.configuration_rsd import RSDConfig
+from rsd_ray.policy.draft import DraftModel
+from rsd_ray.policy.modeling_rsd import RSDModel, preprocess_images, tokenize_instructions
+
+CAMERA_COLUMNS = ("agentview_png", "wrist_png")    # camera order of RSDPolicy.preprocess
+
+
+# ---- dataset ----------------------------------------------------------------------------
+def decode_png(blob: bytes) -> np.ndarray:
+    """PNG bytes -> [H, W, 3] uint8."""
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+
+def samples_fingerprint(table) -> str:
+    """sha256 (16 hex) of what training reads from a samples table, in row order: episode key,
+    chunk index, instruction, proprio, action chunk and both PNGs. Equal fingerprints, equal data."""
+    digest = hashlib.sha256()
+    cols = {name: table.column(name).to_pylist() for name in
+            ("episode_key", "chunk_index", "instruction", *CAMERA_COLUMNS)}
+    proprio = np.asarray(table.column("proprio").to_pylist(), dtype=np.float32)
+    chunks = np.asarray(table.column("action_chunk").to_pylist(), dtype=np.float32)
+    for i in range(table.num_rows):
+        digest.update(f"{cols['episode_key'][i]}|{cols['chunk_index'][i]}|{cols['instruction'][i]}|".encode())
+        digest.update(proprio[i].tobytes())
+        digest.update(chunks[i].tobytes())
+        for name in CAMERA_COLUMNS:
+            digest.update(hashlib.sha256(cols[name][i]).digest())
+    return digest.hexdigest()[:16]
+
+
+def sort_samples(table):
+    """Rows in (episode_key, chunk_index) order: the fingerprint and the split do not depend on
+    the order in which the actors finished episodes."""
+    import pyarrow.compute as pc
+    order = pc.sort_indices(table, sort_keys=[("episode_key", "ascending"), ("chunk_index", "ascending")])
+    return table.take(order)
+
+
+def action_chunks(table) -> np.ndarray:
+    """The table's action_chunk column -> [N, T, A] float32 raw env actions."""
+    return np.asarray(table.column("action_chunk").to_pylist(), dtype=np.float32).reshape(table.num_rows, 8, 7)
+
+
+def proprio_stats(table) -> ProprioStats:
+    """q01/q99 per proprio dim over the table (the bounds RSDPolicy normalises with)."""
+    proprio = np.asarray(table.column("proprio").to_pylist(), dtype=np.float64)
+    return ProprioStats([float(v) for v in np.quantile(proprio, 0.01, axis=0)],
+                        [float(v) for v in np.quantile(proprio, 0.99, axis=0)])
+
+
+@dataclass
+class DemoTensors:
+    """A samples table decoded once into the model's input space (N rows)."""
+
+    images: torch.Tensor            # [N, C, 3, S, S] float32 in [-1, 1], already resized to S
+    instruction_ids: torch.Tensor   # [N, N_instr] long
+    instruction_mask: torch.Tensor  # [N, N_instr] bool
+    proprio: torch.Tensor           # [N, 8] float32, normalised with the checkpoint's ProprioStats
+    tokens: torch.Tensor            # [N, T, D, L] int64 in [0, V): RFSQ tokens of the action chunks
+    episode_keys: list[str]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "DemoTensors":
+        keys = [self.episode_keys[i] for i in index.tolist()]
+        return DemoTensors(self.images[index], self.instruction_ids[index], self.instruction_mask[index],
+                           self.proprio[index], self.tokens[index], keys)
+
+    def batch(self, index: torch.Tensor, shift_px: int = 0, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, ...]:
+        """-> images [B, C, 3, S, S], ids [B, N_instr], mask [B, N_instr], proprio [B, 8], tokens [B, T, D, L].
+        shift_px > 0: each image translated by a random whole number of pixels in [-shift_px, shift_px]
+        (edge-replicated), a cheap augmentation against overfitting a few hundred demonstrations."""
+        images = self.images[index]
+        if shift_px > 0:
+            images = random_shift(images, shift_px, generator)
+        return images, self.instruction_ids[index], self.instruction_mask[index], self.proprio[index], self.tokens[index]
+
+
+def random_shift(images: torch.Tensor, shift_px: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """images [B, C, 3, S, S] -> same shape, each (row, camera) shifted by its own random offset."""
+    B, C, _, S, _ = images.shape
+    flat = images.flatten(0, 1)                                                    # [B*C, 3, S, S]
+    padded = F.pad(flat, (shift_px,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * shift_px + 1, (flat.shape[0], 2), generator=generator)
+    out = torch.stack([padded[i, :, y:y + S, x:x + S] for i, (y, x) in enumerate(offsets.tolist())])
+    return out.unflatten(0, (B, C))
+
+
+def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStats,
+                       batch_size: int = 64) -> DemoTensors:
+    """Decode every row of a SAMPLE_SCHEMA table: PNGs -> resized images (the same
+    `preprocess_images` RSDPolicy runs at evaluation), instruction -> byte ids, proprio ->
+    normalised, action chunk -> RFSQ tokens."""
+    n = table.num_rows
+    if n == 0:
+        raise ValueError("no training samples: the samples table is empty (were the episodes successful, and "
+                         "recorded with --records.record_samples=success?)")
+    images = []
+    pngs = [table.column(name).to_pylist() for name in CAMERA_COLUMNS]
+    for lo in range(0, n, batch_size):
+        frames = [torch.from_numpy(decode_png(pngs[c][i])) for i in range(lo, min(n, lo + batch_size))
+                  for c in range(len(CAMERA_COLUMNS))]
+        images.append(preprocess_images(frames, config.image_size).unflatten(0, (-1, config.num_cameras)))
+    instructions = table.column("instruction").to_pylist()
+    ids, mask = tokenize_instructions(instructions, config.max_instruction_tokens)
+    raw_proprio = torch.tensor(np.asarray(table.column("proprio").to_pylist(), dtype=np.float32))
+    with torch.no_grad():
+        tokens = tokenizer.encode(torch.from_numpy(action_chunks(table)).to(tokenizer.device)).cpu()
+    return DemoTensors(torch.cat(images), ids, mask, proprio.normalize(raw_proprio), tokens,
+                       table.column("episode_key").to_pylist())
+
+
+def check_instructions(instructions: Iterable[str], max_tokens: int) -> None:
+    """Truncation to max_instruction_tokens bytes must not merge two different instructions."""
+    distinct = sorted(set(instructions))
+    cut = {s.encode("utf-8")[:max_tokens] for s in distinct}
+    if len(cut) < len(distinct):
+        longest = max(len(s.encode("utf-8")) for s in distinct)
+        raise ValueError(f"max_instruction_tokens={max_tokens} truncates {len(distinct)} distinct instructions to "
+                         f"{len(cut)}; expected >= {longest} (the longest instruction's bytes)")
+
+
+# ---- teacher-forced forward -------------------------------------------------------------
+def teacher_forced_logits(model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor,
+                          instruction_mask: torch.Tensor, proprio: torch.Tensor, tokens: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone pass over prefix + L blocks, block l fed the gold tokens of layer l-1.
+
+    images [B, C, 3, S, S]; instruction_ids/mask [B, N]; proprio [B, 8] normalised;
+    tokens [B, T, D, L] int64 in [0, V) gold. Returns logits [B, T, D, L, V] and the block-0
+    hidden states [B, T, H] (the draft's input)."""
+    c = model.config
+    T, D, L = c.chunk_steps, c.latent_dim, c.num_rfsq_layers
+    B = images.shape[0]
+    if tokens.shape != (B, T, D, L):
+        raise ValueError(f"tokens have shape {tuple(tokens.shape)}; expected [B, T, D, L] = [{B}, {T}, {D}, {L}]")
+    prefix, pmask = model.encode_prefix(images, instruction_ids, instruction_mask, proprio)   # [B, P, H], [B, P]
+    P = prefix.shape[1]
+    layer_ids = torch.arange(1, L, device=prefix.device)[None].expand(B, -1)                  # [B, L-1]
+    blocks = model.block_inputs(tokens[..., :L - 1], layer_ids)                                # [B, (L-1)*T, H]
+    x = torch.cat([prefix, model.start_inputs(B).to(prefix.dtype), blocks.to(prefix.dtype)], dim=1)
+    kmask = torch.cat([pmask, torch.ones(B, L * T, dtype=torch.bool, device=pmask.device)], dim=1)
+    pos = torch.arange(P + L * T, device=prefix.device)[None].expand(B, -1)
+    hidden = model.run_backbone(x, pos, prefill_mask(kmask, prefix.dtype), None)[:, P:]       # [B, L*T, H]
+    logits = model.logits(hidden)                                                              # [B, L*T, D, V]
+    return logits.unflatten(1, (L, T)).permute(0, 2, 3, 1, 4), hidden[:, :T]
+
+
+def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, D, n, V]; tokens [B, T, D, n] int64. Returns per-layer cross-entropy [n] and
+    per-layer token accuracy [n] (argmax == token)."""
+    ce = F.cross_entropy(logits.flatten(0, -2).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+    acc = (logits.argmax(-1) == tokens).float()
+    return ce.mean(dim=(0, 1, 2)), acc.mean(dim=(0, 1, 2))
+
+
+def draft_teacher_forced_logits(draft: DraftModel, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The draft's `propose` recurrence with its own choices replaced by the target tokens.
+
+    hidden [B, T, H] block-0 hidden states; tokens [B, T, D, K] int64 target layers 0..K-1.
+    Returns logits [B, T, D, K, V]. With tokens = the draft's own greedy proposals the argmax
+    of these logits equals `propose` (tests pin it)."""
+    c = draft.config
+    K = tokens.shape[3]
+    if not 1 <= K <= c.draft_max_layers:
+        raise ValueError(f"draft targets have {K} layers; this draft proposes 1..{c.draft_max_layers}")
+    state = draft.in_proj(hidden)                                                      # [B, T, E]
+    out = []
+    for k in range(K):
+        x = state + draft.layer_embed[k]
+        x = x + draft.mlp(draft.norm(x))
+        out.append(draft.head(x).unflatten(-1, (c.latent_dim, c.num_levels)))         # [B, T, D, V]
+        state = x + draft.token_embed[tokens[..., k] + draft.level_offsets].sum(dim=2)
+    return torch.stack(out, dim=3)
+
+
+@torch.no_grad()
+def main_model_targets(model: RSDModel, demos: DemoTensors, num_layers: int, batch_size: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen main model's block-0 hidden states [N, T, H] and its greedy autoregressive
+    tokens of layers 0..num_layers-1 [N, T, D, K] for every row of `demos` (the draft's
+    inputs and distillation targets), decoded by the engine itself so the layout is its own."""
+    from rsd_ray.decoding.modes import DecodeEngine, DecodeSettings
+
+    model.eval()
+    engine = DecodeEngine(model, None, DecodeSettings(mode="autoregressive", num_slots=batch_size))
+    hiddens, tokens = [], []
+    for lo in range(0, len(demos), batch_size):
+        index = torch.arange(lo, min(len(demos), lo + batch_size))
+        images, ids, mask, proprio, _ = demos.batch(index)
+        prefix, pmask = model.encode_prefix(images, ids, mask, proprio)
+        result = engine.run(prefix, pmask)
+        greedy = result.tokens                                                         # [b, T, D, L]
+        _, h0 = teacher_forced_logits(model, images, ids, mask, proprio, greedy)
+        hiddens.append(h0)
+        tokens.append(greedy[..., :num_layers])
+    return torch.cat(hiddens), torch.cat(tokens)
