@@ -2,10 +2,6 @@
 # Sets up (scripts/setup.sh, idempotent) and runs the whole test suite on the CPU.
 # README's test command and CI's .ci/run are this script. Extra arguments go to pytest.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-VENV="${RSD_VENV:-$ROOT/.venv}"
-cd "$ROOT"
-export MUJOCO_GL="${MUJOCO_GL:-egl}" PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}"
+source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" RAY_DEDUP_LOGS=0
 exec "$VENV/bin/python" -m pytest -q -ra --durations=15 -p no:cacheprovider "$@"
