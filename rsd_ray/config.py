@@ -97,6 +97,10 @@ class PolicyConfig:
     device: str = "auto"                  # auto: cuda when the actor got a GPU, else cpu
     max_batch: int = 32                   # slots per policy call
     max_wait_ms: float = 5.0              # how long a partial batch waits for more requests
+    # rsd: eager, static (fixed-shape passes run eagerly) or cuda_graph; auto = cuda_graph on a
+    # GPU, eager on a CPU. Outputs are identical (tests/test_graphs.py), so it is not part of a
+    # run's identity.
+    graph_mode: str = "auto"
     fault: str = "nan"                    # kind=fault only: nan / wrong_shape / raise
     fault_at_chunk: int = 0
 
@@ -108,6 +112,8 @@ class PolicyConfig:
                 raise ValueError("policy.kind='rsd' needs --policy.checkpoint=DIR (a local checkpoint directory)")
             if not os.path.isdir(self.checkpoint):
                 raise ValueError(f"policy.checkpoint={self.checkpoint!r} is not a directory")
+        if self.graph_mode not in ("auto", "eager", "static", "cuda_graph"):
+            raise ValueError(f"policy.graph_mode={self.graph_mode!r}; expected auto, eager, static or cuda_graph")
         if self.max_batch < 1:
             raise ValueError(f"policy.max_batch={self.max_batch}; expected >= 1")
 

@@ -23,7 +23,11 @@ def build_policy(policy: PolicyConfig, decode: DecodeConfig, device: str = "cpu"
         return ScriptedExpert()
     if policy.kind == "rsd":
         from rsd_ray.policy.rsd_policy import RSDPolicy
-        return RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device, num_slots=policy.max_batch)
+        graph_mode = policy.graph_mode
+        if graph_mode == "auto":
+            graph_mode = "cuda_graph" if str(device).startswith("cuda") else "eager"
+        return RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device, num_slots=policy.max_batch,
+                                         graph_mode=graph_mode)
     raise ValueError(f"policy.kind={policy.kind!r} has no builder")
 
 

@@ -8,6 +8,7 @@ through as decoded.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,16 @@ class RSDPolicy(Policy):
     @classmethod
     def from_pretrained(cls, path: str | Path, decode_config: Any = None, device: str = "cpu",
                         num_slots: int | None = None, dtype: str | None = None,
-                        allow_random_weights: bool = False) -> "RSDPolicy":
-        """decode_config: rsd_ray.config.DecodeConfig or DecodeSettings (None: defaults)."""
+                        allow_random_weights: bool = False, graph_mode: str | None = None) -> "RSDPolicy":
+        """decode_config: rsd_ray.config.DecodeConfig or DecodeSettings (None: defaults).
+        graph_mode: eager | static | cuda_graph (graphs.py), overriding decode_config's; None
+        keeps decode_config's (eager when it has none)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         loaded: LoadedPolicy = load_policy(path, device=device, dtype=dtype, allow_random_weights=allow_random_weights)
         settings = DecodeSettings.from_config(decode_config, num_slots=num_slots)
+        if graph_mode is not None:
+            settings = dataclasses.replace(settings, graph_mode=graph_mode)
         from rsd_ray.policy.registry import checkpoint_hash
         return cls(loaded.model, loaded.draft, loaded.tokenizer, loaded.proprio, settings,
                    checkpoint_hash(str(path)) if not loaded.random_weights else "random")
@@ -115,5 +120,6 @@ class RSDPolicy(Policy):
         out.update({"checkpoint_hash": self.checkpoint_hash, "processor": PROCESSOR,
                     "draft_layers": self.settings.draft_layers if self.settings.mode == "speculative" else 0,
                     "sample": self.settings.sample, "num_slots": self.settings.num_slots,
+                    "graph_mode": self.engine.graph_mode, "graph_buckets": list(self.settings.graph_buckets),
                     "model_config": self.config.to_dict()})
         return out
