@@ -165,6 +165,7 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
     from tqdm import tqdm
 
     from rsd_ray.env.actor import make_env_actor
+    from rsd_ray.env.episode import EpisodeRequest
     from rsd_ray.policy.actor import PolicyServer
     from rsd_ray.policy.registry import needs_privileged_state, use_cameras
 
@@ -217,7 +218,6 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
             if item is None:
                 return
             key, attempt = item
-            from rsd_ray.env.episode import EpisodeRequest
             request = EpisodeRequest(episode_key=key, attempt=attempt, seed=episode_seed(config.seed, key))
             in_flight[envs[actor_index].run_episode.remote(request)] = (actor_index, key, attempt)
 
@@ -247,6 +247,8 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                     # read_samples() drops repeats of a (key, chunk) pair.
                     writer.write_samples([{**s, "run_id": run_fields["run_id"]} for s in samples])
                 writer.write_episodes([{**episode, **run_fields, "finished_at": finished}])
+                # After the episode row: a crash in between loses this episode's chunk rows
+                # (optional detail), never the episode, and never writes them twice.
                 if chunks:
                     writer.write_chunks([{**c, "run_id": run_fields["run_id"],
                                           "decoding_mode": run_fields["decoding_mode"],
