@@ -198,8 +198,9 @@ def plot_success_vs_latency(runs: Run | Sequence[Run], confidence: float = 0.95)
             ax.plot([], [], marker=marker, ls="", color="0.3", label=mode)
     x_max = float(summary["median_ms"].max())
     ax.set_xlim(0, x_max * 1.25)
-    # Room below the lowest interval even at 0 % success, for the point labels.
-    ax.set_ylim(float(summary["ci_low"].min()) - 0.15, 1.08)
+    low = float(summary["ci_low"].min()) - 0.12
+    # At 0 % success the points sit on the axis: leave room below them for their labels.
+    ax.set_ylim(low if low > 0 else -0.15, 1.08)
     ax.set_xlabel("median policy latency per 8-step chunk (ms)")
     ax.set_ylabel(f"success rate ({confidence:.0%} Wilson interval)")
     ax.set_title("Success vs latency across decoding variants")
