@@ -5,8 +5,10 @@ time: it rolls a small model of the OSC_POSE arm forward (a setpoint delta of 0.
 action, of which the eef covers ~25 % per step after a one-step lag; measured in the sim) and
 computes each step's action from the *predicted* eef position, so a chunk converges on its
 target without overshooting. Phase changes that only need the clock or the predicted pose
-(arrived above the object, gripper closed long enough) happen inside a chunk; those that need
-feedback (did the grasp hold? did the descent stall on something?) happen at the boundary.
+(gripper closed long enough, lift height reached, object over the target) happen inside a
+chunk; those that need the measured pose (above the grasp point? at it? did the grasp hold?
+did a descent or a lift stall on something?) happen at the boundary, because the arm settles
+a few mm short of its setpoint under gravity and swings out ~1.5 cm on fast moves.
 
 Phases, one episode: approach (above the grasp point) -> descend -> grasp (close) -> lift ->
 carry (object over the target) -> place (lower) -> release (open) -> retreat; a failed grasp
@@ -224,10 +226,15 @@ class ScriptedExpert(Policy):
         eef = np.asarray(state["eef_pos"])
         yaw = 0.0
         if "bowl" in obj_name:
-            # Pinch the rim wall on the side nearer the gripper's current y.
-            side = 1.0 if eef[1] >= centre[1] else -1.0
-            grasp = np.array([centre[0], centre[1] + side * cfg.bowl_rim_offset_m,
-                              hi[2] - cfg.bowl_rim_depth_m])
+            # Pinch the rim wall at +y or -y (fingers close along y): on the side where the
+            # hand overlaps the neighbours least, else the side nearer the gripper.
+            others = [(np.asarray(o["aabb_min"]), np.asarray(o["aabb_max"]))
+                      for name, o in objects.items() if name != obj_name and o["kind"] == "object"]
+            sides = sorted((1.0, -1.0), key=lambda side: side != (1.0 if eef[1] >= centre[1] else -1.0))
+            candidates = [np.array([centre[0], centre[1] + side * cfg.bowl_rim_offset_m,
+                                    hi[2] - cfg.bowl_rim_depth_m]) for side in sides]
+            volumes = [_hand_overlap(point, others, cfg.hand_bottom_m) for point in candidates]
+            grasp = candidates[int(np.argmin(volumes))] if volumes[1] < volumes[0] - 1e-9 else candidates[0]
             away = _away_from_overhang(state.get("fixture_boxes"), lo, hi)
             if away is not None:
                 # A panel just above the rim (a bowl in a drawer under the cabinet top):
@@ -305,16 +312,11 @@ class ScriptedExpert(Policy):
         axis_i = max(flat, key=lambda i: half[i])
         axis = rot[:2, axis_i] / max(np.linalg.norm(rot[:2, axis_i]), 1e-9)
         reach = max(half[axis_i] - cfg.slide_margin_m, 0.0)
-        hand_lo = np.array([-0.03, -0.105, cfg.hand_bottom_m])
-        hand_hi = np.array([0.04, 0.105, 0.15])
         others = [(np.asarray(o["aabb_min"]), np.asarray(o["aabb_max"]))
                   for name, o in objects.items() if name != obj_name and o["kind"] == "object"]
 
         def overlap(point: np.ndarray) -> float:
-            """Volume (m^3) of the hand's box inside neighbours' boxes at this grasp point."""
-            lo, hi = point + hand_lo, point + hand_hi
-            return sum(float(np.prod(np.clip(np.minimum(hi, o_hi) - np.maximum(lo, o_lo), 0.0, None)))
-                       for o_lo, o_hi in others)
+            return _hand_overlap(point, others, cfg.hand_bottom_m, with_fingers=False)
 
         best, best_overlap = grasp, overlap(grasp)
         for shift in np.arange(0.005, reach + 1e-9, 0.005):
@@ -335,9 +337,7 @@ class ScriptedExpert(Policy):
 
     def _boundary_checks(self, ep: _Episode, state: dict[str, Any]) -> None:
         cfg = self.config
-        if ep.plan is None:
-            ep.plan = self._make_plan(state)
-        if ep.phase == "approach" and ep.phase_steps == 0:
+        if ep.plan is None or (ep.phase == "approach" and ep.phase_steps == 0):
             ep.plan = self._make_plan(state)
         plan = ep.plan
         cos, sin = np.cos(plan.yaw), np.sin(plan.yaw)
@@ -454,6 +454,26 @@ class ScriptedExpert(Policy):
             else:
                 return pred.pos + np.array([0.0, 0.0, 0.02]), OPEN
         return pred.pos.copy(), OPEN   # done: hold still until the boundary retries
+
+
+# The gripper in its start orientation (fingers closing along world y), as boxes relative to
+# the grasp point: the hand above, and the two open fingers (measured from the Panda's geoms).
+_FINGER_BOXES = (((-0.013, 0.032, -0.013), (0.013, 0.068, 0.049)),
+                 ((-0.013, -0.068, -0.013), (0.013, -0.032, 0.049)))
+
+
+def _hand_overlap(point: np.ndarray, others: list[tuple[np.ndarray, np.ndarray]], hand_bottom_m: float,
+                  with_fingers: bool = True) -> float:
+    """Volume (m^3) of the gripper's boxes inside the neighbours' boxes at grasp `point` [3]."""
+    boxes = [(np.array([-0.03, -0.105, hand_bottom_m]), np.array([0.04, 0.105, 0.15]))]
+    if with_fingers:
+        boxes += [(np.array(lo), np.array(hi)) for lo, hi in _FINGER_BOXES]
+    total = 0.0
+    for b_lo, b_hi in boxes:
+        lo, hi = point + b_lo, point + b_hi
+        for o_lo, o_hi in others:
+            total += float(np.prod(np.clip(np.minimum(hi, o_hi) - np.maximum(lo, o_lo), 0.0, None)))
+    return total
 
 
 def _away_from_overhang(boxes: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
