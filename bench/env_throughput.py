@@ -32,16 +32,11 @@ from rsd_ray.protocol import MAX_STEPS, episode_key  # noqa: E402
 
 def in_process(env_config: EnvConfig, policy_config: PolicyConfig, keys: list[str]) -> dict:
     """Episodes one after another in this process, policy called inline."""
-    from rsd_ray.env.episode import EpisodeRequest, EpisodeRunner
+    from rsd_ray.env.episode import EpisodeRequest, EpisodeRunner, inline_client
     from rsd_ray.policy.registry import build_policy, needs_privileged_state
 
     policy = build_policy(policy_config, DecodeConfig())
-
-    def client(obs):
-        out = policy.predict([obs])
-        return out.chunks[0], out.stats[0]
-
-    runner = EpisodeRunner(env_config, client, needs_privileged_state=needs_privileged_state(policy_config),
+    runner = EpisodeRunner(env_config, inline_client(policy), needs_privileged_state=needs_privileged_state(policy_config),
                            record_chunks=False, use_cameras=True)
     t0 = time.perf_counter()
     episodes = []

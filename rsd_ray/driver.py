@@ -19,7 +19,7 @@ from typing import Any
 
 from rsd_ray.config import EvalConfig
 from rsd_ray.records.manifest import (
-    build_manifest, check_resumable, read_manifest, stable_hash, write_manifest,
+    build_manifest, check_resumable, read_manifest, write_manifest,
 )
 from rsd_ray.records.schema import EPISODES_DIR
 from rsd_ray.records.writer import RecordWriter, read_table, recorded_keys

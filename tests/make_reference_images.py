@@ -6,7 +6,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from rsd_ray.env.libero_env import LiberoTaskEnv, load_task

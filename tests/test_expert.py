@@ -64,19 +64,20 @@ def test_missing_privileged_state_is_a_clear_error():
 @pytest.mark.parametrize("suite,task_id,trial", [("libero_spatial", 0, 0), ("libero_object", 0, 0)])
 def test_expert_solves_real_libero_episode(suite, task_id, trial):
     pytest.importorskip("libero.libero")
-    from jobs.expert_eval import make_env, run_episode
+    from jobs.expert_eval import make_runner, run_episode
     from rsd_ray.env.privileged import read_privileged_state
 
-    env, task, init_states = make_env(suite, task_id, use_camera_obs=False, soft_reset=True)
+    expert = ScriptedExpert()
+    runner = make_runner(suite, expert)
     try:
-        expert = ScriptedExpert()
-        result = run_episode(env, expert, suite, task_id, trial, init_states[trial], task.language)
+        result = run_episode(runner, expert, suite, task_id, trial)
         # `success` is the env's own `done` flag from the step that ended the episode; the
         # success check must agree afterwards.
-        assert result.success, f"{suite} task {task_id} trial {trial}: {result.phase_log}"
+        assert result["outcome"] == "success", f"{suite} task {task_id} trial {trial}: {result['phase_log']}"
+        env = runner.task_env.env
         assert env.env._check_success()
         state = read_privileged_state(env)
         assert pickle.loads(pickle.dumps(state))["goal"] == state["goal"]
         assert set(state["goal"][0][1:]) <= set(state["objects"])
     finally:
-        env.close()
+        runner.close()

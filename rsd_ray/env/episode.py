@@ -42,6 +42,15 @@ class PolicyOutputError(RuntimeError):
     """The policy answered, but not with a finite [T, A] chunk."""
 
 
+def inline_client(policy: Any) -> PolicyClient:
+    """Calls a Policy in this process, one observation at a time (benchmarks, dev harnesses)."""
+    def ask(observation: Observation) -> tuple[np.ndarray, ChunkStats]:
+        out = policy.predict([observation])
+        stats = out.stats[0] if out.stats else ChunkStats()
+        return out.chunks[0], stats
+    return ask
+
+
 def encode_png(image: np.ndarray) -> bytes:
     import io
 

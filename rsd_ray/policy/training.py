@@ -39,7 +39,7 @@ CAMERA_COLUMNS = ("agentview_png", "wrist_png")    # camera order of RSDPolicy.p
 def decode_png(blob: bytes) -> np.ndarray:
     """PNG bytes -> [H, W, 3] uint8."""
     from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    return np.array(Image.open(io.BytesIO(blob)).convert("RGB"))
 
 
 def samples_fingerprint(table) -> str:
