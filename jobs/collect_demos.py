@@ -1,0 +1,98 @@
+"""Record demonstrations: the scripted expert through the evaluator, on perturbed start states.
+
+    python jobs/collect_demos.py --suites='[libero_spatial]' --task_ids='[0,1,2]' --num_trials=10
+    python jobs/collect_demos.py --first_trial=10 --num_trials=20 --init_perturbation_m=0.015 \
+        --num_env_actors=2 --output_dir=runs/demos
+
+Each suite becomes one normal run directory `<output_dir>/<run_name>-<suite>` (Ray actors,
+records, resume: re-running the same command only runs the missing episodes). Its `samples/`
+Parquet files are the dataset: one row per chunk boundary of every *successful* episode
+(images, proprio, instruction, the expert's action chunk; SAMPLE_SCHEMA), read with
+`rsd_ray.records.writer.read_samples`. The env renders only at chunk boundaries, the only
+steps whose images a sample holds.
+
+Movable objects are shifted by N(0, init_perturbation_m) metres after the trial's init state,
+so the demonstrations start away from the fixed evaluation states; pick `first_trial` so that
+the evaluation trials you report are not among the collected ones either.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+@dataclass
+class CollectDemosConfig:
+    suites: list[str] = field(default_factory=lambda: ["libero_spatial"])
+    task_ids: list[int] | None = None      # None: every task of each suite
+    first_trial: int = 10                  # trials first_trial.. (init state i, then perturbed)
+    num_trials: int = 20
+    init_perturbation_m: float = 0.015     # > 0: start states differ from the evaluation's
+    output_dir: str = "runs/demos"
+    run_name: str = "demos"                # run directories are <run_name>-<suite>
+    num_env_actors: int | None = None      # None: one per CPU
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        from rsd_ray.protocol import check_suite
+        if not self.suites:
+            raise ValueError("collect_demos: suites=[]; expected at least one LIBERO suite")
+        for suite in self.suites:
+            check_suite(suite)
+        if self.init_perturbation_m <= 0:
+            raise ValueError(f"collect_demos: init_perturbation_m={self.init_perturbation_m}; expected > 0 so the "
+                             f"demonstrations do not start from the evaluation trials' init states")
+
+    def eval_config(self, suite: str):
+        """The evaluator config that records this suite's demonstrations."""
+        from rsd_ray.config import ClusterConfig, EnvConfig, EvalConfig, PolicyConfig, RecordsConfig
+        return EvalConfig(
+            env=EnvConfig(suite=suite, task_ids=self.task_ids, first_trial=self.first_trial,
+                          num_trials=self.num_trials, init_perturbation_m=self.init_perturbation_m,
+                          cameras="on"),
+            policy=PolicyConfig(kind="expert"),
+            records=RecordsConfig(output_dir=self.output_dir, run_name=f"{self.run_name}-{suite}",
+                                  record_chunks=False, record_samples="success"),
+            cluster=ClusterConfig(num_env_actors=self.num_env_actors, show_progress=self.show_progress),
+            seed=self.seed)
+
+
+def collect_demos(config: CollectDemosConfig) -> list[dict[str, Any]]:
+    """Run every suite; return one row per suite: run_dir, episodes, successes, samples."""
+    from rsd_ray.driver import run_eval
+    from rsd_ray.records.writer import read_samples
+
+    rows = []
+    for suite in config.suites:
+        summary = run_eval(config.eval_config(suite))
+        samples = read_samples([summary.run_dir])
+        rows.append({"suite": suite, "run_dir": str(summary.run_dir), "num_episodes": summary.num_episodes,
+                     "num_demos": summary.num_success, "num_samples": samples.num_rows})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import draccus
+
+    try:
+        config = draccus.parse(config_class=CollectDemosConfig, args=argv)
+    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    rows = collect_demos(config)
+    print(f"{'suite':<16} {'episodes':>8} {'demos':>6} {'samples':>8}  run_dir")
+    for r in rows:
+        print(f"{r['suite']:<16} {r['num_episodes']:>8} {r['num_demos']:>6} {r['num_samples']:>8}  {r['run_dir']}")
+    print("train on them with: python jobs/train_policy.py --data='[" + ",".join(r["run_dir"] for r in rows) + "]'")
+    return 0 if sum(r["num_demos"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

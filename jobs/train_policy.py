@@ -1,0 +1,496 @@
+"""Train a small RSD policy on recorded demonstrations and write a loadable checkpoint.
+
+    python jobs/train_policy.py --data='[runs/demos/demos-libero_spatial]' --out_dir=checkpoints/default_policy
+    python jobs/train_policy.py ... --resume=true          # continue from the last saved step
+    python jobs/eval_libero.py --policy.kind=rsd --policy.checkpoint=checkpoints/default_policy
+
+Phases (each resumable; `--resume` picks up where the state file in work_dir left off):
+1. rfsq:  fit the RFSQ tokenizer on the demonstrations' action chunks (jobs/train_rfsq.py's
+          `train_rfsq`), saved to work_dir/rfsq and reused on resume so the tokens never change.
+2. main:  the RSD model, teacher-forced, cross-entropy on all L RFSQ layers (training.py).
+3. draft: the draft on the coarse layers, from the frozen main model's block-0 hidden states,
+          distilled from the main model's greedy tokens (or the gold ones: --draft_target=gold).
+Then `save_policy(out_dir)` (RSDPolicy.from_pretrained loads it), plus out_dir/README.md and
+out_dir/training.json with the command, the data fingerprint and the final figures, and a
+learning curve (PNG + JSON) at results_prefix.
+
+Data: one or more run directories whose samples/ were written by jobs/collect_demos.py (or any
+run with --records.record_samples); rows are sorted by (episode key, chunk) and split into
+train / validation by episode, seeded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np
+import torch
+
+from rsd_ray.decoding.rfsq import RFSQConfig, RFSQTokenizer
+from rsd_ray.policy.configuration_rsd import RSDConfig
+
+STATE_FILE = "train_state.pt"
+PHASES = ("main", "draft", "done")
+
+
+def default_model() -> RSDConfig:
+    """Sized for minutes on a CPU core (~1.2 s per batch of 32 on one shared core): 64x64 images in
+    8x8 patches (2 x 64 patches), 64 instruction bytes (check_instructions refuses a length that
+    merges two instructions), 4 Llama blocks of hidden 128 (~0.7 M parameters)."""
+    return RSDConfig.tiny(image_size=64, patch_size=8, vision_dim=64, max_instruction_tokens=64,
+                          hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, initializer_range=0.02, draft_hidden=64)
+
+
+@dataclass
+class TrainPolicyConfig:
+    data: list[str] = field(default_factory=list)    # run directories with samples/
+    out_dir: str = "checkpoints/default_policy"      # the policy checkpoint (save_policy)
+    work_dir: str | None = None      # resumable state + tokenizer; None: runs/train_policy/<out_dir name>
+    results_prefix: str | None = None   # learning curve .json/.png; None: bench/results/train_policy_<name>
+    resume: bool = False
+    seed: int = 0
+    val_fraction: float = 0.1        # of the episodes, held out (0: none)
+    model: RSDConfig = field(default_factory=default_model)
+    # RFSQ tokenizer
+    rfsq: RFSQConfig = field(default_factory=RFSQConfig)
+    rfsq_steps: int = 1500
+    rfsq_batch_size: int = 256
+    rfsq_lr: float = 2e-3
+    # main model
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    shift_px: int = 3                # random image translation (augmentation); 0 = off
+    max_minutes: float | None = None   # cap on the main phase's wall time (state is saved)
+    on_max_minutes: str = "finish"   # finish: go on to the draft and write the checkpoint; stop: exit (resumable)
+    eval_every: int = 100            # validation cross-entropy every N steps
+    save_every: int = 100            # train state every N steps
+    # draft
+    draft_steps: int = 600
+    draft_lr: float = 3e-3
+    draft_batch_size: int = 128
+    draft_target: str = "main"       # main: the main model's greedy tokens (max acceptance); gold
+    draft_train_layers: int | None = None   # K the draft is trained on (None: model.draft_max_layers)
+    num_threads: int = 1             # torch CPU threads (the dev box is shared)
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("train_policy: data=[]; expected --data='[RUN_DIR, ...]' (run directories with samples/, "
+                             "e.g. from jobs/collect_demos.py)")
+        if self.on_max_minutes not in ("finish", "stop"):
+            raise ValueError(f"train_policy: on_max_minutes={self.on_max_minutes!r}; expected finish or stop")
+        if self.draft_target not in ("main", "gold"):
+            raise ValueError(f"train_policy: draft_target={self.draft_target!r}; expected main or gold")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"train_policy: val_fraction={self.val_fraction}; expected a value in [0, 1)")
+        for name in ("steps", "batch_size", "rfsq_steps", "draft_batch_size", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train_policy: {name}={getattr(self, name)}; expected >= 1")
+        if self.draft_train_layers is not None and not 1 <= self.draft_train_layers <= self.model.draft_max_layers:
+            raise ValueError(f"train_policy: draft_train_layers={self.draft_train_layers}; expected "
+                             f"1..model.draft_max_layers={self.model.draft_max_layers}")
+        if self.draft_steps < 0:
+            raise ValueError(f"train_policy: draft_steps={self.draft_steps}; expected >= 0")
+        rf, m = self.rfsq, self.model
+        for a, b in (("chunk_steps", "chunk_steps"), ("action_dim", "action_dim"), ("latent_dim", "latent_dim"),
+                     ("num_layers", "num_rfsq_layers"), ("num_levels", "num_levels")):
+            if getattr(rf, a) != getattr(m, b):
+                raise ValueError(f"train_policy: rfsq.{a}={getattr(rf, a)} but model.{b}={getattr(m, b)}; expected equal")
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir or Path("runs/train_policy") / Path(self.out_dir).name)
+
+    @property
+    def resolved_results_prefix(self) -> str:
+        return self.results_prefix or f"bench/results/train_policy_{Path(self.out_dir).name}"
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _split(keys: list[str], val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (train, val), split by episode so no episode is on both sides."""
+    episodes = sorted(set(keys))
+    rng = np.random.default_rng(seed)
+    num_val = int(round(val_fraction * len(episodes))) if len(episodes) > 1 else 0
+    val_eps = set(rng.permutation(episodes)[:num_val].tolist())
+    is_val = np.array([k in val_eps for k in keys])
+    return torch.from_numpy(np.nonzero(~is_val)[0]), torch.from_numpy(np.nonzero(is_val)[0])
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)        # a kill mid-write leaves the previous state intact
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+    return {name: version(name) for name in ("torch", "transformers", "numpy", "safetensors")}
+
+
+@torch.no_grad()
+def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
+    """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`."""
+    from rsd_ray.policy.training import teacher_forced_logits, token_losses
+
+    model.eval()
+    ce_sum = acc_sum = 0.0
+    for lo in range(0, len(index), batch_size):
+        idx = index[lo:lo + batch_size]
+        images, ids, mask, proprio, tokens = demos.batch(idx)
+        logits, _ = teacher_forced_logits(model, images, ids, mask, proprio, tokens)
+        ce, acc = token_losses(logits, tokens)
+        ce_sum = ce_sum + ce * len(idx)
+        acc_sum = acc_sum + acc * len(idx)
+    model.train()
+    n = max(1, len(index))
+    return {"ce": float((ce_sum / n).mean()), "ce_per_layer": [round(float(v), 4) for v in ce_sum / n],
+            "acc_per_layer": [round(float(v), 4) for v in acc_sum / n]}
+
+
+@torch.no_grad()
+def action_errors(model, tokenizer, demos, index: torch.Tensor, gold_chunks: torch.Tensor,
+                  batch_size: int = 64) -> dict[str, float]:
+    """Greedy `autoregressive` decoding on rows `index` -> decoded chunk vs the demonstration's
+    chunk (raw env units): MSE, and the fraction of gripper signs that agree."""
+    from rsd_ray.decoding.modes import DecodeEngine, DecodeSettings
+
+    model.eval()
+    engine = DecodeEngine(model, None, DecodeSettings(mode="autoregressive", num_slots=batch_size))
+    decoded = []
+    for lo in range(0, len(index), batch_size):
+        images, ids, mask, proprio, _ = demos.batch(index[lo:lo + batch_size])
+        prefix, pmask = model.encode_prefix(images, ids, mask, proprio)
+        decoded.append(tokenizer.decode(engine.run(prefix, pmask).tokens).cpu())
+    model.train()
+    pred, gold = torch.cat(decoded), gold_chunks[index]                                   # [n, T, A]
+    return {"action_mse": float((pred - gold).pow(2).mean()),
+            "arm_mse": float((pred[..., :6] - gold[..., :6]).pow(2).mean()),
+            "gripper_sign_agreement": float((torch.sign(pred[..., 6]) == torch.sign(gold[..., 6])).float().mean())}
+
+
+def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    train = [h for h in history if "train_ce" in h]
+    val = [h for h in history if "val_ce" in h]
+    axes[0].plot([h["step"] for h in train], [h["train_ce"] for h in train], label="train CE (mean of L layers)", alpha=0.6)
+    if val:
+        axes[0].plot([h["step"] for h in val], [h["val_ce"] for h in val], "o-", label="val CE (mean of L layers)")
+        for layer in (0, 1):     # the coarse layers carry the action; the fine ones are near noise
+            axes[0].plot([h["step"] for h in val], [h["val_ce_per_layer"][layer] for h in val], ".--",
+                         label=f"val CE layer {layer}")
+    axes[0].axhline(math.log(7), color="grey", ls=":", label="uniform (log 7)")
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("cross-entropy (nats)"), axes[0].legend()
+    if val:
+        acc = np.array([h["val_acc_per_layer"] for h in val])
+        for layer in range(acc.shape[1]):
+            axes[1].plot([h["step"] for h in val], acc[:, layer], label=f"layer {layer}")
+        axes[1].set_xlabel("step"), axes[1].set_ylabel("val token accuracy"), axes[1].legend(fontsize=7)
+    if draft_history:
+        axes[2].plot([h["step"] for h in draft_history], [h["draft_ce"] for h in draft_history])
+        axes[2].set_xlabel("draft step"), axes[2].set_ylabel("draft CE (mean of its trained layers)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every phase; write the checkpoint and the results; return the results dict."""
+    from tqdm import tqdm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_rfsq import TrainRFSQConfig, train_rfsq
+
+    from rsd_ray.policy.checkpoint import ProprioStats, save_policy
+    from rsd_ray.policy.draft import DraftModel
+    from rsd_ray.policy.modeling_rsd import RSDModel
+    from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions,
+                                         draft_teacher_forced_logits, main_model_targets, proprio_stats,
+                                         samples_fingerprint, sort_samples, teacher_forced_logits, token_losses)
+    from rsd_ray.records.writer import read_samples
+
+    torch.set_num_threads(config.num_threads)
+    wall_start = time.perf_counter()
+    work = config.resolved_work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
+    if state_path.exists() and not config.resume:
+        raise FileExistsError(f"{state_path} exists; pass --resume=true to continue it, or delete {work} to start over")
+    state = torch.load(state_path, weights_only=False) if config.resume and state_path.exists() else None
+
+    # ---- data -----------------------------------------------------------------------------
+    table = sort_samples(read_samples(config.data))
+    if table.num_rows == 0:
+        raise ValueError(f"train_policy: no samples in {config.data}; expected run directories with samples/ "
+                         f"(jobs/collect_demos.py)")
+    fingerprint = samples_fingerprint(table)
+    check_instructions(table.column("instruction").to_pylist(), config.model.max_instruction_tokens)
+    if state is not None and state["data_fingerprint"] != fingerprint:
+        raise ValueError(f"train_policy --resume: the data's fingerprint is {fingerprint}; the saved state in {work} "
+                         f"was trained on {state['data_fingerprint']}. Same --data, or a fresh work_dir")
+    chunks = action_chunks(table)                                                      # [N, T, A]
+    num_episodes = len(set(table.column("episode_key").to_pylist()))
+    print(f"[train_policy] {table.num_rows} samples from {num_episodes} episodes, data fingerprint {fingerprint}")
+
+    # ---- phase 1: RFSQ tokenizer ---------------------------------------------------------
+    rfsq_dir = work / "rfsq"
+    if state is None or not (rfsq_dir / "config.json").exists():
+        npy = work / "action_chunks.npy"
+        np.save(npy, chunks)
+        rfsq_metrics = train_rfsq(TrainRFSQConfig(out_dir=str(rfsq_dir), npy=str(npy), seed=config.seed,
+                                                  steps=config.rfsq_steps, batch_size=config.rfsq_batch_size,
+                                                  lr=config.rfsq_lr, warmup_steps=min(100, config.rfsq_steps // 10 + 1),
+                                                  device=config.device, num_threads=config.num_threads,
+                                                  progress=config.progress, rfsq=config.rfsq),
+                                  chunks=chunks, command=command)
+    else:
+        rfsq_metrics = json.loads((rfsq_dir / "train_metrics.json").read_text())
+    tokenizer = RFSQTokenizer.from_pretrained(rfsq_dir)
+    proprio = ProprioStats(**state["proprio"]) if state is not None else proprio_stats(table)
+    demos = build_demo_tensors(table, config.model, tokenizer, proprio)
+    train_idx, val_idx = _split(demos.episode_keys, config.val_fraction, config.seed)
+    gold_chunks = torch.from_numpy(chunks)
+
+    # ---- phase 2: main model --------------------------------------------------------------
+    torch.manual_seed(config.seed)
+    model, draft = RSDModel(config.model), DraftModel(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict[str, Any]] = []
+    draft_history: list[dict[str, Any]] = []
+    step, phase, main_s = 0, "main", 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        draft.load_state_dict(state["draft"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, phase, history, draft_history = state["step"], state["phase"], state["history"], state["draft_history"]
+        main_s = state.get("main_s", 0.0)
+        print(f"[train_policy] resumed {state_path}: phase {phase}, step {step}")
+
+    def snapshot(draft_optimizer=None, draft_step: int = 0) -> dict[str, Any]:
+        return {"model": model.state_dict(), "draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
+                "draft_optimizer": draft_optimizer.state_dict() if draft_optimizer is not None else None,
+                "draft_step": draft_step, "step": step, "phase": phase, "history": history,
+                "draft_history": draft_history, "data_fingerprint": fingerprint, "main_s": main_s,
+                "proprio": {"q01": proprio.q01, "q99": proprio.q99}, "config": asdict(config)}
+
+    stopped_early = False
+    cut_at = None                    # main step at which max_minutes ended the phase
+    if phase == "main":
+        model.train()
+        bar = tqdm(range(step, config.steps), initial=step, total=config.steps, desc="train_policy main",
+                   disable=not config.progress, mininterval=2.0)
+        t_phase = time.perf_counter() - main_s
+        for step in bar:
+            # per-step seeded batches: a resumed run draws the batches an uninterrupted one would
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            idx = train_idx[torch.randint(len(train_idx), (config.batch_size,), generator=gen)]
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, config.steps, config.lr, config.warmup_steps)
+            images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px, gen)
+            logits, _ = teacher_forced_logits(model, images, ids, mask, prop, tokens)
+            ce, acc = token_losses(logits, tokens)
+            loss = ce.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            row: dict[str, Any] = {"step": step + 1, "train_ce": round(float(loss.detach()), 5),
+                                   "train_ce_layer0": round(float(ce[0].detach()), 5)}
+            done = step + 1
+            main_s = time.perf_counter() - t_phase
+            out_of_time = config.max_minutes is not None and main_s > 60 * config.max_minutes
+            if done % config.eval_every == 0 or done == config.steps or out_of_time:
+                if len(val_idx):
+                    ev = evaluate_tokens(model, demos, val_idx)
+                    row.update(val_ce=ev["ce"], val_ce_per_layer=ev["ce_per_layer"], val_acc_per_layer=ev["acc_per_layer"])
+                row["wall_s"] = round(main_s, 1)
+            history.append(row)
+            bar.set_postfix(ce=f"{row['train_ce']:.3f}", ce0=f"{row['train_ce_layer0']:.3f}", val=f"{row.get('val_ce', float('nan')):.3f}")
+            step = done
+            if done % config.save_every == 0 or done == config.steps or out_of_time:
+                _save_state(state_path, snapshot())
+            if out_of_time:
+                cut_at = done
+                stopped_early = done < config.steps and config.on_max_minutes == "stop"
+                print(f"[train_policy] main phase cut at step {done}/{config.steps}: max_minutes={config.max_minutes} "
+                      + ("reached; state saved, --resume=true with a larger max_minutes continues" if stopped_early
+                         else "reached; going on to the draft"))
+                break
+        bar.close()
+        if not stopped_early:
+            phase = "draft"
+            _save_state(state_path, snapshot())
+
+    # ---- phase 3: draft -------------------------------------------------------------------
+    draft_s = 0.0
+    K = config.draft_train_layers or config.model.draft_max_layers
+    if phase == "draft" and not stopped_early:
+        t_draft = time.perf_counter()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        hidden, main_tokens = main_model_targets(model, demos, K)                       # [N, T, H], [N, T, D, K]
+        targets = main_tokens if config.draft_target == "main" else demos.tokens[..., :K]
+        draft_opt = torch.optim.AdamW(draft.parameters(), lr=config.draft_lr, weight_decay=config.weight_decay)
+        first = 0
+        if state is not None and state.get("draft_optimizer") is not None:
+            draft_opt.load_state_dict(state["draft_optimizer"])
+            first = state["draft_step"]
+        draft.train()
+        bar = tqdm(range(first, config.draft_steps), initial=first, total=config.draft_steps,
+                   desc="train_policy draft", disable=not config.progress, mininterval=2.0)
+        for dstep in bar:
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7 + dstep)
+            idx = train_idx[torch.randint(len(train_idx), (config.draft_batch_size,), generator=gen)]
+            for group in draft_opt.param_groups:
+                group["lr"] = _lr(dstep, config.draft_steps, config.draft_lr, min(50, config.draft_steps // 10 + 1))
+            logits = draft_teacher_forced_logits(draft, hidden[idx], targets[idx])      # [B, T, D, K, V]
+            ce, _ = token_losses(logits, targets[idx])
+            loss = ce.mean()
+            draft_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            draft_opt.step()
+            draft_history.append({"step": dstep + 1, "draft_ce": round(float(loss.detach()), 5)})
+            bar.set_postfix(ce=f"{draft_history[-1]['draft_ce']:.3f}")
+            if (dstep + 1) % config.save_every == 0:
+                _save_state(state_path, snapshot(draft_opt, dstep + 1))
+        bar.close()
+        phase = "done"
+        draft_s = time.perf_counter() - t_draft
+        _save_state(state_path, snapshot(draft_opt, config.draft_steps))
+
+    # ---- write the checkpoint and the results ---------------------------------------------
+    model.eval()
+    draft.eval()
+    final: dict[str, Any] = {"phase": phase, "step": step, "stopped_early": stopped_early, "main_cut_at_step": cut_at}
+    eval_idx = val_idx if len(val_idx) else train_idx
+    final["eval_rows"] = "val" if len(val_idx) else "train"
+    final.update({f"tokens_{k}": v for k, v in evaluate_tokens(model, demos, eval_idx).items()})
+    final.update(action_errors(model, tokenizer, demos, eval_idx, gold_chunks))
+    if phase == "done":
+        with torch.no_grad():
+            hidden, main_tokens = main_model_targets(model, demos.subset(eval_idx), K)
+            proposed, _ = draft.propose(hidden, K)
+        # layer k is accepted under `exact` only if all T*D tokens of layers <= k match
+        match = (proposed == main_tokens).flatten(1, 2).all(dim=1)                     # [n, K]
+        final["draft_token_agreement_per_layer"] = [round(float(v), 4) for v in
+                                                    (proposed == main_tokens).float().mean(dim=(0, 1, 2))]
+        final["draft_exact_prefix_layers_mean"] = float(match.int().cumprod(dim=1).sum(dim=1).float().mean())
+    out_dir = Path(config.out_dir)
+    if phase == "done":
+        if out_dir.exists():
+            shutil.rmtree(out_dir)            # a stale file would change the checkpoint hash
+        save_policy(out_dir, model, draft, tokenizer, proprio)
+    results = {"checkpoint": str(out_dir) if phase == "done" else None, "command": command,
+               "data": list(config.data), "data_fingerprint": fingerprint, "num_samples": table.num_rows,
+               "num_episodes": num_episodes, "num_train_rows": len(train_idx), "num_val_rows": len(val_idx),
+               "rfsq_fingerprint": tokenizer.fingerprint(), "rfsq_val": rfsq_metrics.get("val"),
+               "main_s": round(main_s, 1), "draft_s": round(draft_s, 1),
+               "total_wall_s_this_invocation": round(time.perf_counter() - wall_start, 1),
+               "num_parameters": sum(p.numel() for p in model.parameters()),
+               "num_draft_parameters": sum(p.numel() for p in draft.parameters()),
+               "final": final, "history": history, "draft_history": draft_history,
+               "config": asdict(config), "versions": _versions(), "threads": torch.get_num_threads()}
+    prefix = config.resolved_results_prefix
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    Path(prefix + ".json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_curve(history, draft_history, prefix + ".png", f"train_policy {out_dir.name}: {table.num_rows} samples, "
+               f"{num_episodes} episodes, data {fingerprint}")
+    if phase == "done":
+        small = {k: v for k, v in results.items() if k not in ("history", "draft_history")}
+        (out_dir / "training.json").write_text(json.dumps(small, indent=2) + "\n")
+        (out_dir / "README.md").write_text(_readme(results, config))
+    return results
+
+
+def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
+    f = results["final"]
+    m = config.model
+    return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
+
+Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted expert
+(`jobs/collect_demos.py`). Load with `RSDPolicy.from_pretrained(dir)` or
+`python jobs/eval_libero.py --policy.kind=rsd --policy.checkpoint={config.out_dir}`.
+
+## Exact training command
+
+```
+{results['command']}
+```
+
+## Data
+
+- run directories: {', '.join(results['data'])}
+- data fingerprint (`rsd_ray.policy.training.samples_fingerprint`): `{results['data_fingerprint']}`
+- {results['num_samples']} samples (chunk boundaries) from {results['num_episodes']} successful episodes;
+  {results['num_train_rows']} train rows, {results['num_val_rows']} held-out rows (split by episode, seed {config.seed})
+
+## Model
+
+{results['num_parameters']:,} parameters (+ draft {results['num_draft_parameters']:,}): images {m.image_size}x{m.image_size}
+in {m.patch_size}x{m.patch_size} patches, {m.max_instruction_tokens} instruction bytes, Llama backbone
+{m.num_hidden_layers} blocks x hidden {m.hidden_size}; RFSQ tokenizer fingerprint `{results['rfsq_fingerprint']}`.
+The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive` or `speculative`.
+
+## Figures at the end of training ({f['eval_rows']} rows)
+
+- teacher-forced cross-entropy per RFSQ layer: {f.get('tokens_ce_per_layer')}
+- token accuracy per RFSQ layer: {f.get('tokens_acc_per_layer')}
+- autoregressive decode vs demonstration: action MSE {f.get('action_mse', float('nan')):.4g}, arm MSE
+  {f.get('arm_mse', float('nan')):.4g}, gripper sign agreement {f.get('gripper_sign_agreement', float('nan')):.3f}
+- draft vs main greedy tokens, agreement per layer: {f.get('draft_token_agreement_per_layer')};
+  mean exact-accepted prefix (layers) {f.get('draft_exact_prefix_layers_mean')}
+- main phase: {f['step']} of {config.steps} steps (cut by max_minutes at {f.get('main_cut_at_step')}), batch {config.batch_size}
+- wall: main {results['main_s']} s, draft {results['draft_s']} s ({results['threads']} torch thread(s), CPU)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    import draccus
+
+    try:
+        config = draccus.parse(config_class=TrainPolicyConfig, args=argv)
+    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    args = sys.argv[1:] if argv is None else argv
+    results = train_policy(config, command=shlex.join(["python", "jobs/train_policy.py", *args]))
+    f = results["final"]
+    print(f"[train_policy] final ({f['eval_rows']}): CE per layer {f['tokens_ce_per_layer']}")
+    print(f"[train_policy] action MSE {f['action_mse']:.4g}, gripper sign agreement {f['gripper_sign_agreement']:.3f}")
+    if results["checkpoint"]:
+        print(f"[train_policy] wrote {results['checkpoint']} and {config.resolved_results_prefix}.json/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""jobs/train_policy.py end to end on a tiny synthetic samples dataset (SAMPLE_SCHEMA rows with
+random images and synthetic action chunks): training lowers the loss, resume continues from
+the saved step exactly, the checkpoint loads and predicts, and training and decoding agree on
+the token layout [B, T, D, L]."""
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+
+from rsd_ray.decoding.rfsq import RFSQConfig
+from rsd_ray.decoding.synthetic_actions import synthetic_chunks
+from rsd_ray.policy.configuration_rsd import RSDConfig
+from rsd_ray.records.writer import RecordWriter
+from tests.fixtures_records import TASK_NAMES, SyntheticRun, episode_keys, write_run
+
+NUM_TASKS, NUM_TRIALS, NUM_CHUNKS = 2, 3, 4          # 6 episodes, 24 samples
+
+
+def tiny_model(**overrides) -> RSDConfig:
+    base = dict(image_size=32, patch_size=16, vision_dim=16, max_instruction_tokens=32, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                initializer_range=0.05, draft_hidden=16)
+    base.update(overrides)
+    return RSDConfig.tiny(**base)
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0) -> Path:
+    """A run directory with episode rows (all successes) and SAMPLE_SCHEMA samples."""
+    spec = SyntheticRun(run_id, mode="autoregressive", num_tasks=NUM_TASKS, num_trials=NUM_TRIALS,
+                        num_chunks=NUM_CHUNKS, success_prob=1.0, write_chunks=False, seed=seed)
+    run_dir = write_run(root, spec)
+    rng = np.random.default_rng(seed)
+    keys = episode_keys(spec)
+    chunks = synthetic_chunks(len(keys) * NUM_CHUNKS, seed=seed)              # [N, T, A]
+    rows = []
+    for e, key in enumerate(keys):
+        suite, task, trial = key.split("/")
+        for c in range(NUM_CHUNKS):
+            rows.append({"run_id": run_id, "episode_key": key, "suite": suite, "task_id": int(task),
+                         "trial": int(trial), "chunk_index": c, "step": 8 * c, "instruction": TASK_NAMES[int(task)],
+                         "agentview_png": _png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
+                         "wrist_png": _png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
+                         "proprio": rng.normal(size=8).astype(np.float32).tolist(),
+                         "action_chunk": chunks[e * NUM_CHUNKS + c].reshape(-1).tolist(),
+                         "num_actions_executed": 8, "episode_success": True})
+    RecordWriter(run_dir).write_samples(rows)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory) -> Path:
+    return write_sample_run(tmp_path_factory.mktemp("samples"))
+
+
+def train_config(sample_run: Path, tmp: Path, name: str, **overrides):
+    from train_policy import TrainPolicyConfig
+    base = dict(data=[str(sample_run)], out_dir=str(tmp / name / "ckpt"), work_dir=str(tmp / name / "work"),
+                results_prefix=str(tmp / name / "curve"), model=tiny_model(),
+                rfsq=RFSQConfig(hidden_dim=32, num_hidden_layers=1), rfsq_steps=40, rfsq_batch_size=64,
+                steps=30, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=10, save_every=10, shift_px=1,
+                draft_steps=20, draft_batch_size=16, val_fraction=0.2, progress=False)
+    base.update(overrides)
+    return TrainPolicyConfig(**base)
+
+
+def test_train_resume_and_load(sample_run, tmp_path):
+    from train_policy import STATE_FILE, train_policy
+
+    from rsd_ray.policy.base import Observation
+    from rsd_ray.policy.rsd_policy import RSDPolicy
+
+    # uninterrupted reference: 30 main steps, then the draft
+    full = train_policy(train_config(sample_run, tmp_path, "full"))
+    ce = [h["train_ce"] for h in full["history"]]
+    assert len(ce) == 30
+    assert np.mean(ce[-5:]) < np.mean(ce[:5]) - 0.05, ce
+    assert full["num_samples"] == NUM_TASKS * NUM_TRIALS * NUM_CHUNKS
+    assert full["num_val_rows"] > 0 and full["num_val_rows"] % NUM_CHUNKS == 0    # split by episode
+    assert full["draft_history"][-1]["draft_ce"] < full["draft_history"][0]["draft_ce"]
+    assert Path(str(tmp_path / "full" / "curve") + ".png").stat().st_size > 0
+
+    # interrupted: max_minutes=0 stops the main phase after its first step (state saved)
+    part = train_config(sample_run, tmp_path, "resumed", max_minutes=0.0, on_max_minutes="stop")
+    first = train_policy(part)
+    assert first["checkpoint"] is None and first["final"]["stopped_early"]
+    state = torch.load(tmp_path / "resumed" / "work" / STATE_FILE, weights_only=False)
+    assert state["step"] == 1 and state["phase"] == "main"
+    with pytest.raises(FileExistsError, match="--resume=true"):
+        train_policy(part)
+    resumed = train_policy(replace(part, max_minutes=None, resume=True))
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 31))
+    # per-step seeded batches + restored optimizer: the resumed run is the uninterrupted one
+    assert [h["train_ce"] for h in resumed["history"]] == pytest.approx(ce, abs=1e-5)
+
+    policy = RSDPolicy.from_pretrained(resumed["checkpoint"], decode_config=None)
+    rng = np.random.default_rng(1)
+    obs = [Observation(agentview=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                       wrist=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                       proprio=rng.normal(size=8).astype(np.float32), instruction=TASK_NAMES[b],
+                       episode_key=f"libero_spatial/{b}/0", chunk_index=0) for b in range(2)]
+    out = policy.predict(obs)
+    assert out.chunks.shape == (2, 8, 7) and np.isfinite(out.chunks).all()
+    text = (Path(resumed["checkpoint"]) / "README.md").read_text()
+    assert resumed["data_fingerprint"] in text
+    assert (Path(resumed["checkpoint"]) / "training.json").is_file()
+
+
+def test_teacher_forcing_matches_autoregressive_layout():
+    """A random model: feeding its own autoregressive tokens back as the gold tokens, the
+    teacher-forced argmax of every layer is those tokens (same positions, mask, embeddings)."""
+    from rsd_ray.decoding.modes import DecodeEngine, DecodeSettings
+    from rsd_ray.policy.draft import DraftModel
+    from rsd_ray.policy.modeling_rsd import RSDModel, tokenize_instructions
+    from rsd_ray.policy.training import draft_teacher_forced_logits, teacher_forced_logits
+
+    torch.manual_seed(0)
+    config = tiny_model(initializer_range=0.2)
+    model, draft = RSDModel(config).eval(), DraftModel(config).eval()
+    B = 3
+    images = torch.rand(B, 2, 3, 32, 32) * 2 - 1
+    ids, mask = tokenize_instructions([TASK_NAMES[0], TASK_NAMES[1], "x"], config.max_instruction_tokens)
+    proprio = torch.randn(B, 8)
+    with torch.no_grad():
+        prefix, pmask = model.encode_prefix(images, ids, mask, proprio)
+        ar = DecodeEngine(model, None, DecodeSettings(mode="autoregressive", num_slots=4)).run(prefix, pmask).tokens
+        logits, h0 = teacher_forced_logits(model, images, ids, mask, proprio, ar)
+        assert logits.shape == (B, 8, 16, 8, 7)
+        assert torch.equal(logits.argmax(-1), ar)
+        proposed, _ = draft.propose(h0, 3)
+        assert torch.equal(draft_teacher_forced_logits(draft, h0, proposed).argmax(-1), proposed)
+
+
+def test_overfit_reproduces_tokens_autoregressively(tmp_path):
+    """Trained to overfit 4 samples, greedy autoregressive decoding returns their RFSQ tokens."""
+    from train_policy import train_policy
+
+    from rsd_ray.decoding.modes import DecodeEngine, DecodeSettings
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.training import build_demo_tensors, sort_samples
+    from rsd_ray.records.writer import read_samples
+    import pyarrow.compute as pc
+
+    run = write_sample_run(tmp_path / "data", seed=3)
+    table = read_samples([run])
+    table = table.filter(pc.equal(table.column("episode_key"), "libero_spatial/0/0"))   # 4 samples
+    small = tmp_path / "small"
+    spec_dir = write_run(small, SyntheticRun("one", mode="autoregressive", num_tasks=1, num_trials=1,
+                                             num_chunks=NUM_CHUNKS, success_prob=1.0, write_chunks=False))
+    RecordWriter(spec_dir).write_samples(table.to_pylist())
+    config = train_config(spec_dir, tmp_path, "overfit", model=tiny_model(hidden_size=64, intermediate_size=128),
+                          steps=150, batch_size=4, lr=1e-2, warmup_steps=5, shift_px=0, val_fraction=0.0,
+                          weight_decay=0.0, draft_steps=1, eval_every=50, save_every=200)
+    result = train_policy(config)
+    loaded = load_policy(result["checkpoint"])
+    demos = build_demo_tensors(sort_samples(read_samples([spec_dir])), loaded.config, loaded.tokenizer, loaded.proprio)
+    images, ids, mask, proprio, gold = demos.batch(torch.arange(len(demos)))
+    with torch.no_grad():
+        prefix, pmask = loaded.model.encode_prefix(images, ids, mask, proprio)
+        tokens = DecodeEngine(loaded.model, None, DecodeSettings(mode="autoregressive", num_slots=4)).run(prefix, pmask).tokens
+    assert tokens.shape == gold.shape == (4, 8, 16, 8)
+    assert (tokens == gold).float().mean() > 0.99, (tokens == gold).float().mean(dim=(0, 1, 2))
+
+
+def test_collect_demos_config():
+    """collect_demos records only successful episodes, with cameras, from perturbed starts."""
+    from collect_demos import CollectDemosConfig
+
+    config = CollectDemosConfig(suites=["libero_spatial", "libero_object"], task_ids=[0, 1], first_trial=10,
+                                num_trials=5, init_perturbation_m=0.02, output_dir="out")
+    ev = config.eval_config("libero_object")
+    assert ev.records.record_samples == "success" and ev.env.cameras == "on" and ev.policy.kind == "expert"
+    assert (ev.env.suite, ev.env.task_ids, ev.env.first_trial, ev.env.num_trials) == ("libero_object", [0, 1], 10, 5)
+    assert ev.env.init_perturbation_m == 0.02 and ev.run_name == "demos-libero_object"
+    with pytest.raises(ValueError, match="init_perturbation_m=0"):
+        CollectDemosConfig(init_perturbation_m=0.0)
+    with pytest.raises(ValueError, match="not a LIBERO suite"):
+        CollectDemosConfig(suites=["libero-10"])
