@@ -77,15 +77,9 @@ def collect_demos(config: CollectDemosConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import draccus
+    from jobs.cli import parse_or_exit
 
-    try:
-        config = draccus.parse(config_class=CollectDemosConfig, args=argv)
-    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
-        while exc.__cause__ is not None:
-            exc = exc.__cause__
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    config = parse_or_exit(CollectDemosConfig, argv)
     rows = collect_demos(config)
     print(f"{'suite':<16} {'episodes':>8} {'demos':>6} {'samples':>8}  run_dir")
     for r in rows:

@@ -16,20 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def main(argv: list[str] | None = None) -> int:
-    import draccus
-
+    from jobs.cli import parse_or_exit
     from rsd_ray.config import EvalConfig
     from rsd_ray.records.manifest import IncompatibleRunError
     from rsd_ray.records.writer import CorruptRecordsError
 
-    try:
-        config = draccus.parse(config_class=EvalConfig, args=argv)
-    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
-        # draccus wraps our __post_init__ errors; the innermost one names the field.
-        while exc.__cause__ is not None:
-            exc = exc.__cause__
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    config = parse_or_exit(EvalConfig, argv)
     try:
         from rsd_ray.driver import run_eval
         summary = run_eval(config)

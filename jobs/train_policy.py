@@ -473,15 +473,9 @@ The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive
 
 
 def main(argv: list[str] | None = None) -> int:
-    import draccus
+    from jobs.cli import parse_or_exit
 
-    try:
-        config = draccus.parse(config_class=TrainPolicyConfig, args=argv)
-    except (ValueError, TypeError, draccus.utils.ParsingError) as exc:
-        while exc.__cause__ is not None:
-            exc = exc.__cause__
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    config = parse_or_exit(TrainPolicyConfig, argv)
     args = sys.argv[1:] if argv is None else argv
     results = train_policy(config, command=shlex.join(["python", "jobs/train_policy.py", *args]))
     f = results["final"]
