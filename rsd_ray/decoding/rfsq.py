@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from rsd_ray.protocol import ACTION_DIM, CHUNK_STEPS, LATENT_DIM, NUM_LEVELS, NUM_RFSQ_LAYERS
+from rsd_ray.decoding.state_check import check_state_dict
 
 CHECKPOINT_FORMAT = "rsd_ray.rfsq/1"
 CONFIG_FILE = "config.json"
@@ -438,17 +439,8 @@ class RFSQTokenizer(nn.Module):
                              f"truncated, re-save the checkpoint") from err
 
         tok = cls(config)
-        expected = tok.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: tensors missing {missing}, unexpected {unexpected} for "
-                             f"config.json {config.to_dict()}")
-        for key, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(f"{weights_path}: tensor {key} has shape {list(tensor.shape)}; config.json "
-                                 f"implies {list(expected[key].shape)} (check latent_dim, action_dim, "
-                                 f"hidden_dim, num_hidden_layers)")
+        check_state_dict(weights_path, tensors, tok.state_dict(), "config.json",
+                         fields="latent_dim, action_dim, hidden_dim, num_hidden_layers")
         tok.load_state_dict(tensors, strict=True)
         norm_path = str(path / NORMALIZATION_FILE)
         tok.normalizer.load_json_dict(_parse_json(blobs[NORMALIZATION_FILE], norm_path), norm_path)

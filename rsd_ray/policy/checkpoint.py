@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rsd_ray.decoding.state_check import check_state_dict
 from rsd_ray.policy.configuration_rsd import RSDConfig
 from rsd_ray.policy.draft import DraftModel
 from rsd_ray.policy.modeling_rsd import RSDModel, torch_dtype
@@ -158,15 +159,7 @@ def _load_tensors(file: Path, module: nn.Module, skip_prefix: str | None = None)
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
     expected = {k: v for k, v in module.state_dict().items()
                 if skip_prefix is None or not k.startswith(skip_prefix)}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{file}: tensors missing {missing[:5]}, unexpected {unexpected[:5]} "
-                         f"(was it saved with a different code version?)")
-    for key, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{file}: tensor {key} has shape {list(tensor.shape)}; {CONFIG_FILE} implies "
-                             f"{list(expected[key].shape)}")
+    check_state_dict(str(file), tensors, expected, CONFIG_FILE)
     module.load_state_dict(tensors, strict=False)
 
 
