@@ -18,7 +18,6 @@ Two speed-ups, both bit-identical in every state and every used image (tests/tes
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -201,8 +200,3 @@ class LiberoTaskEnv:
         except Exception:  # noqa: BLE001 - closing a half-built env must not mask the real error
             pass
 
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
