@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rsd_ray.protocol import (
-    CHUNK_STEPS, MAX_STEPS, NOOP_ACTION, NUM_INIT_STATES, NUM_RFSQ_LAYERS, NUM_WAIT_STEPS,
+    CHUNK_STEPS, NOOP_ACTION, NUM_INIT_STATES, NUM_RFSQ_LAYERS, NUM_WAIT_STEPS,
     POLICY_IMAGE_SIZE, RENDER_SIZE, SUITES, check_suite,
 )
 
@@ -54,10 +54,6 @@ class EnvConfig:
             raise ValueError(f"env.cameras={self.cameras!r}; expected auto, on or off")
         if self.mujoco_gl not in ("egl", "osmesa"):
             raise ValueError(f"env.mujoco_gl={self.mujoco_gl!r}; expected 'egl' or 'osmesa'")
-
-    @property
-    def resolved_max_steps(self) -> int:
-        return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
 
 
 @dataclass

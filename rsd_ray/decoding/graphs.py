@@ -140,11 +140,11 @@ class StaticPasses:
 
     @property
     def device(self) -> torch.device:
-        return self.model.head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.head.weight.dtype
+        return self.model.dtype
 
     # ---- building -----------------------------------------------------------------------
     def _new_step(self, bucket: int) -> StaticPass:

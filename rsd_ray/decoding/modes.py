@@ -137,11 +137,11 @@ class DecodeEngine:
     # ---- helpers ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.model.head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.head.weight.dtype
+        return self.model.dtype
 
     def _now(self) -> float:
         if self.device.type == "cuda":

@@ -80,6 +80,14 @@ class VisionEncoder(nn.Module):
 class RSDModel(nn.Module):
     """Prefix encoder, backbone and block embeddings/head. See the module docstring for layout."""
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
     def __init__(self, config: RSDConfig, backbone: nn.Module | None = None):
         super().__init__()
         c = self.config = config
