@@ -7,6 +7,7 @@ lists, dicts) so it can cross a Ray boundary inside `Observation.privileged`. Ke
   OSC controller drives, `eef_vel` [3] m/s, `gripper_qpos` [2] (finger joints, +/-0.04 open)
 - `goal`: the BDDL goal predicates, e.g. [["on", "akita_black_bowl_1", "plate_1"]]
 - `table_top_z`: world z of the table surface
+- `gripper_contact`: whether the gripper touches anything but the robot
 - `fixture_boxes` [N, 6]: world AABB (min xyz, max xyz) of every collision geom of every
   fixture (cabinet panels, drawer walls, stove parts)
 - `objects`: name -> dict for every movable object, every fixture, and every region named in
@@ -193,4 +194,24 @@ def read_privileged_state(env: Any) -> dict[str, Any]:
         "table_top_z": table_top_z,
         "objects": objects,
         "fixture_boxes": fixture_boxes,           # [N, 6] world min xyz, max xyz
+        "gripper_contact": _gripper_touches_world(sim, robot),
     }
+
+
+def _gripper_touches_world(sim: Any, robot: Any) -> bool:
+    """Whether any geom of the gripper touches something that is not the robot: tells a hand
+    blocked by a wall from an arm that merely settles short of its setpoint."""
+    model = sim.model
+    gripper_geoms = {model.geom_name2id(name) for name in robot.gripper.contact_geoms
+                     if name in model._geom_name2id}
+    gripper_geoms |= {model.geom_name2id(name) for name in robot.gripper.visual_geoms
+                      if name in model._geom_name2id}
+    robot_bodies = {model.body_name2id(name) for name in robot.robot_model.bodies
+                    if name in model._body_name2id}
+    robot_bodies |= {model.body_name2id(name) for name in robot.gripper.bodies if name in model._body_name2id}
+    for i in range(sim.data.ncon):
+        contact = sim.data.contact[i]
+        for mine, other in ((contact.geom1, contact.geom2), (contact.geom2, contact.geom1)):
+            if mine in gripper_geoms and model.geom_bodyid[other] not in robot_bodies:
+                return True
+    return False

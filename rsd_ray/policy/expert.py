@@ -47,7 +47,10 @@ class ExpertConfig:
     hover_m: float = 0.08                # approach height above the grasp point
     bowl_rim_offset_m: float = 0.047     # eef distance from the bowl centre for a rim grasp
     bowl_rim_depth_m: float = 0.015      # grasp this far below the rim
-    bowl_overhang_offset_m: float = 0.065  # rim grasp under an overhang: further out
+    raised_m: float = 0.1                # a bowl this far above the table top is "raised"
+    inside_offset_m: float = 0.02        # bowl under an overhang: fingers in, this far to the open side
+    inside_tip_m: float = 0.016          # ... fingertips this far above the bowl's bottom
+    finger_tip_m: float = 0.013          # fingertips below the grasp point
     grasp_depth_m: float = 0.025         # other objects: this far below their top ...
     tall_object_m: float = 0.08          # ... objects taller than this (cartons, bottles) ...
     tall_grasp_depth_m: float = 0.03     # ... as deep as the hand's underside allows
@@ -65,6 +68,9 @@ class ExpertConfig:
     retreat_m: float = 0.10
     descend_cap_steps: int = 40
     held_tolerance_m: float = 0.03
+    settled_m: float = 0.004             # eef moved less than this over a chunk: it has settled
+    bias_gain: float = 1.0               # integral gain on a settled error, per chunk
+    max_bias_m: float = 0.04
 
 
 @dataclass
@@ -87,6 +93,7 @@ class _Plan:
     place_xy: np.ndarray     # [2] where the object's body origin must end up
     place_bottom_z: float    # object bottom height at release
     obj_bottom_z: float      # object bottom when planned (at rest)
+    hold: float = CLOSE      # gripper command that holds the object; -hold releases it
 
 
 @dataclass
@@ -101,6 +108,9 @@ class _Episode:
     expected_z: float | None = None           # predicted eef z at this boundary
     start_z: float | None = None              # eef z at the previous boundary
     num_attempts: int = 0
+    release: float = OPEN                     # gripper command while reopening after a retry
+    bias: np.ndarray = field(default_factory=lambda: np.zeros(3))   # integral term on the setpoint
+    last_eef: np.ndarray | None = None        # measured eef at the previous boundary
     log: list[str] = field(default_factory=list)
 
 
@@ -225,24 +235,39 @@ class ScriptedExpert(Policy):
         centre = (lo + hi) / 2.0
         eef = np.asarray(state["eef_pos"])
         yaw = 0.0
-        if "bowl" in obj_name:
+        hold = CLOSE
+        others = [(np.asarray(o["aabb_min"]), np.asarray(o["aabb_max"]))
+                  for name, o in objects.items() if name != obj_name and o["kind"] == "object"]
+        away = _away_from_overhang(state.get("fixture_boxes"), lo, hi) if "bowl" in obj_name else None
+        raised = float(lo[2]) - float(state.get("table_top_z", lo[2])) > cfg.raised_m
+        if "bowl" in obj_name and (away is not None or raised):
+            # An expanding grasp: lower the closed fingers into the bowl and open them against
+            # its inner wall. It needs no room outside the rim (a bowl in a drawer under the
+            # cabinet top has none), and on a raised bowl (on the cabinet) it holds where a rim
+            # pinch slips, because there the arm settles a centimetre high and pinches only
+            # the lip. On a table-height bowl the rim pinch is the surer one: near the robot's
+            # base the fingers slide up the bowl's flared wall as the arm lifts. The hand
+            # spreads along the closing axis, so pick the axis that keeps it off the
+            # neighbours; under an overhang, across the direction away from it, shifted to
+            # the open side of the panel's edge.
+            grasp = np.array([centre[0], centre[1], lo[2] + cfg.inside_tip_m + cfg.finger_tip_m])
+            if away is not None:
+                grasp[:2] += cfg.inside_offset_m * away
+                yaw = float(np.arctan2(away[1], away[0]))
+                yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2      # closing axis is symmetric
+            else:
+                volumes = [_hand_overlap(grasp, others, cfg.hand_bottom_m, with_fingers=False, yaw=y)
+                           for y in (0.0, np.pi / 2)]
+                yaw = np.pi / 2 if volumes[1] < volumes[0] - 1e-9 else 0.0
+            hold = OPEN
+        elif "bowl" in obj_name:
             # Pinch the rim wall at +y or -y (fingers close along y): on the side where the
             # hand overlaps the neighbours least, else the side nearer the gripper.
-            others = [(np.asarray(o["aabb_min"]), np.asarray(o["aabb_max"]))
-                      for name, o in objects.items() if name != obj_name and o["kind"] == "object"]
             sides = sorted((1.0, -1.0), key=lambda side: side != (1.0 if eef[1] >= centre[1] else -1.0))
             candidates = [np.array([centre[0], centre[1] + side * cfg.bowl_rim_offset_m,
                                     hi[2] - cfg.bowl_rim_depth_m]) for side in sides]
             volumes = [_hand_overlap(point, others, cfg.hand_bottom_m) for point in candidates]
             grasp = candidates[int(np.argmin(volumes))] if volumes[1] < volumes[0] - 1e-9 else candidates[0]
-            away = _away_from_overhang(state.get("fixture_boxes"), lo, hi)
-            if away is not None:
-                # A panel just above the rim (a bowl in a drawer under the cabinet top):
-                # pinch the rim on the far side, fingers closing radially, and far enough
-                # out that the inner finger stays clear of the panel's edge.
-                grasp[:2] = centre[:2] + cfg.bowl_overhang_offset_m * away
-                yaw = float(np.arctan2(away[1], away[0]) - np.pi / 2)
-                yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2      # closing axis is symmetric
         else:
             depth = cfg.tall_grasp_depth_m if hi[2] - lo[2] > cfg.tall_object_m else cfg.grasp_depth_m
             grasp = np.array([centre[0], centre[1],
@@ -286,7 +311,7 @@ class ScriptedExpert(Policy):
         lift_z = max(grasp[2] + cfg.hover_m, top + hang + cfg.clearance_m)
         return _Plan(obj=obj_name, target=target_name, relation=relation, grasp=grasp, yaw=yaw,
                      lift_z=float(lift_z), place_xy=place_xy, place_bottom_z=float(place_bottom),
-                     obj_bottom_z=float(lo[2]))
+                     obj_bottom_z=float(lo[2]), hold=hold)
 
     def _clear_neighbours(self, grasp: np.ndarray, obj_name: str, objects: dict[str, Any]) -> np.ndarray:
         """Slide the grasp point along the object's long horizontal axis until the hand (wide
@@ -334,6 +359,15 @@ class ScriptedExpert(Policy):
     def _set_phase(self, ep: _Episode, phase: str) -> None:
         ep.log.append(f"{ep.phase}->{phase}@{ep.phase_steps}")
         ep.phase, ep.phase_steps = phase, 0
+        if phase in ("approach", "grasp"):
+            ep.bias = np.zeros(3)
+
+    def _integrate(self, ep: _Episode, err: np.ndarray, settled: bool) -> None:
+        """Integral action: where the arm reaching far or high settles a few cm short of its
+        setpoint in free space (the OSC's delta setpoints leave a steady error against the
+        unmodelled joint friction and nullspace pull), shift the setpoint by the error left."""
+        if settled:
+            ep.bias = np.clip(ep.bias + self.config.bias_gain * err, -self.config.max_bias_m, self.config.max_bias_m)
 
     def _boundary_checks(self, ep: _Episode, state: dict[str, Any]) -> None:
         cfg = self.config
@@ -348,19 +382,29 @@ class ScriptedExpert(Policy):
         stalled = (ep.expected_z is not None and ep.start_z is not None
                    and (ep.start_z - eef[2]) < 0.3 * (ep.start_z - ep.expected_z)
                    and (ep.start_z - ep.expected_z) > 0.01)
+        settled = ep.last_eef is not None and float(np.linalg.norm(eef - ep.last_eef)) < cfg.settled_m
+        ep.last_eef = eef.copy()
         if ep.phase == "approach" and ep.phase_steps > 0:
             err = plan.grasp + np.array([0.0, 0.0, cfg.hover_m]) - eef
             rot_err = np.linalg.norm(_axis_angle(ep.goal_mat @ np.asarray(state["eef_mat"]).T))
-            if np.linalg.norm(err[:2]) < cfg.arrive_xy_m and rot_err < 0.1:
+            if np.linalg.norm(err[:2]) < cfg.arrive_xy_m and (rot_err < 0.1 or settled):
+                # A wrist that stops short of the yaw (far reach) is close enough once settled.
+                if rot_err >= 0.1:
+                    ep.log.append(f"approach: yaw settled {rot_err:.2f} rad short")
                 self._set_phase(ep, "descend")
+            else:
+                self._integrate(ep, np.array([err[0], err[1], 0.0]), settled)
         if ep.phase == "descend":
             err = plan.grasp - eef
+            touching = bool(state.get("gripper_contact", True))
             if np.linalg.norm(err[:2]) < cfg.arrive_xy_m and abs(err[2]) < cfg.arrive_z_m:
                 self._set_phase(ep, "grasp")
-            elif stalled or ep.phase_steps >= cfg.descend_cap_steps:
+            elif (stalled and touching) or ep.phase_steps >= cfg.descend_cap_steps:
                 # Something (a wall, a drawer edge) stops the fingers: grasp from here.
                 ep.log.append(f"descend stalled {np.round(err, 3).tolist()}")
                 self._set_phase(ep, "grasp")
+            else:
+                self._integrate(ep, err, settled or stalled)
         elif ep.phase == "lift":
             lifted = float(eef[2] - plan.grasp[2])
             rise_expected = (ep.expected_z - ep.start_z) if ep.expected_z is not None and ep.start_z is not None else 0.0
@@ -392,6 +436,7 @@ class ScriptedExpert(Policy):
     def _retry(self, ep: _Episode, why: str) -> None:
         ep.log.append(f"retry: {why}")
         ep.num_attempts += 1
+        ep.release = -ep.plan.hold if ep.plan is not None else OPEN
         ep.hold_offset = None
         ep.plan = None
         self._set_phase(ep, "reopen")
@@ -406,54 +451,54 @@ class ScriptedExpert(Policy):
                 self._set_phase(ep, "approach")
                 plan = ep.plan = self._make_plan(state) if ep.plan is None else ep.plan
             else:
-                return pred.pos + np.array([0.0, 0.0, 0.01]), OPEN
+                return pred.pos + np.array([0.0, 0.0, 0.01]), ep.release
         if plan is None:
             plan = ep.plan = self._make_plan(state)
         if ep.phase == "approach":
-            above = plan.grasp + np.array([0.0, 0.0, cfg.hover_m])
+            above = plan.grasp + np.array([0.0, 0.0, cfg.hover_m]) + ep.bias
             above[2] = max(above[2], min(pred.pos[2], plan.lift_z))
             # Ends at a boundary on the measured pose (see _boundary_checks).
-            return above, OPEN
+            return above, -plan.hold
         if ep.phase == "descend":
             # Ends at a boundary, on the measured pose (see _boundary_checks): the arm settles
             # a few mm short of a setpoint under gravity, which the model does not capture.
-            return plan.grasp, OPEN
+            return plan.grasp + ep.bias, -plan.hold
         if ep.phase == "grasp":
             if ep.phase_steps >= cfg.close_steps:
                 self._set_phase(ep, "lift")
             else:
-                return plan.grasp.copy(), CLOSE
+                return plan.grasp.copy(), plan.hold
         if ep.phase == "lift":
             target = np.array([pred.pos[0], pred.pos[1], plan.lift_z])
             if abs(plan.lift_z - pred.pos[2]) < 0.02:
                 self._set_phase(ep, "carry")
             else:
-                return target, CLOSE
+                return target, plan.hold
         offset = ep.hold_offset if ep.hold_offset is not None else np.zeros(3)
         if ep.phase == "carry":
             target = np.array([plan.place_xy[0] - offset[0], plan.place_xy[1] - offset[1], plan.lift_z])
             if np.linalg.norm(target[:2] - pred.pos[:2]) < cfg.arrive_xy_m:
                 self._set_phase(ep, "place")
             else:
-                return target, CLOSE
+                return target, plan.hold
         if ep.phase == "place":
             z = plan.place_bottom_z + ep.hang_m
             target = np.array([plan.place_xy[0] - offset[0], plan.place_xy[1] - offset[1], z])
             if abs(z - pred.pos[2]) < 0.005:
                 self._set_phase(ep, "release")
             else:
-                return target, CLOSE
+                return target, plan.hold
         if ep.phase == "release":
             if ep.phase_steps >= cfg.open_steps:
                 self._set_phase(ep, "retreat")
             else:
-                return pred.pos.copy(), OPEN
+                return pred.pos.copy(), -plan.hold
         if ep.phase == "retreat":
             if ep.phase_steps >= 16:
                 self._set_phase(ep, "done")
             else:
-                return pred.pos + np.array([0.0, 0.0, 0.02]), OPEN
-        return pred.pos.copy(), OPEN   # done: hold still until the boundary retries
+                return pred.pos + np.array([0.0, 0.0, 0.02]), -plan.hold
+        return pred.pos.copy(), -plan.hold   # done: hold still until the boundary retries
 
 
 # The gripper in its start orientation (fingers closing along world y), as boxes relative to
@@ -463,11 +508,16 @@ _FINGER_BOXES = (((-0.013, 0.032, -0.013), (0.013, 0.068, 0.049)),
 
 
 def _hand_overlap(point: np.ndarray, others: list[tuple[np.ndarray, np.ndarray]], hand_bottom_m: float,
-                  with_fingers: bool = True) -> float:
-    """Volume (m^3) of the gripper's boxes inside the neighbours' boxes at grasp `point` [3]."""
+                  with_fingers: bool = True, yaw: float = 0.0) -> float:
+    """Volume (m^3) of the gripper's boxes inside the neighbours' boxes at grasp `point` [3],
+    with the hand turned by `yaw` (0 or pi/2) from its start orientation."""
     boxes = [(np.array([-0.03, -0.105, hand_bottom_m]), np.array([0.04, 0.105, 0.15]))]
     if with_fingers:
         boxes += [(np.array(lo), np.array(hi)) for lo, hi in _FINGER_BOXES]
+    if abs(yaw) > 1e-6:
+        # A quarter turn about z maps the box (x, y) extents onto (-y, x).
+        boxes = [(np.array([-b_hi[1], b_lo[0], b_lo[2]]), np.array([-b_lo[1], b_hi[0], b_hi[2]]))
+                 for b_lo, b_hi in boxes]
     total = 0.0
     for b_lo, b_hi in boxes:
         lo, hi = point + b_lo, point + b_hi
