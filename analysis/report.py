@@ -23,6 +23,7 @@ from analysis.stats import acceptance_stats, latency_breakdown, latency_stats, r
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
+REPORT_JSON = "report.json"
 CONSOLE_TEXT_CHARS = 40
 
 
@@ -153,6 +154,19 @@ def write_markdown(report: Report, figures: dict[str, Path], out_dir: Path) -> P
     return path
 
 
+def write_json(report: Report, out_dir: Path) -> Path:
+    """Every table as records, beside report.md: the figures a closing note quotes, machine-readable."""
+    import json
+
+    doc = {"runs": [{"label": run.label, "run_id": run.run_id, "protocol_hash": run.protocol_hash,
+                     "path": str(run.path)} for run in report.runs],
+           "baseline": report.baseline.label if report.baseline is not None else None,
+           "tables": {name: json.loads(table.to_json(orient="records")) for name, table in report.tables.items()}}
+    path = out_dir / REPORT_JSON
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rsd-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -187,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = write_figures(report.runs, out_dir)
     markdown = write_markdown(report, figures, out_dir)
+    records = write_json(report, out_dir)
 
     with pd.option_context("display.width", 200, "display.max_colwidth", 40):
         for run in report.runs:
@@ -196,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n== {TITLES.get(name, name)} ==")
             print(console_table(shown(name, table)))
     print(f"\nwrote {markdown}")
+    print(f"wrote {records}")
     for path in figures.values():
         print(f"wrote {path}")
     return 0

@@ -331,6 +331,11 @@ def test_report_writes_every_png_and_markdown(sweep_dir, capsys):
     for name in FIGURES:
         assert f"({name}.png)" in markdown
     assert "## Speedup against the baseline" in markdown and "| spec-tau0.5 | ar |" in markdown
+    records = json.loads((out_dir / "report.json").read_text())
+    assert records["baseline"] == "ar" and {r["label"] for r in records["runs"]} >= {"ar", "parallel"}
+    assert set(records["tables"]) == {"runs", "suites", "tasks", "latency", "latency breakdown", "acceptance",
+                                      "speedup", "paired", "flipped"}
+    assert {r["run"] for r in records["tables"]["tasks"]} >= {"ar", "parallel"}
     stdout = capsys.readouterr().out
     assert "Success per task" in stdout and "Draft acceptance" in stdout and "wrote" in stdout
 

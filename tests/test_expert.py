@@ -61,7 +61,34 @@ def test_missing_privileged_state_is_a_clear_error():
         ScriptedExpert().predict([_obs(None)])
 
 
-@pytest.mark.parametrize("suite,task_id,trial", [("libero_spatial", 0, 0), ("libero_object", 0, 0)])
+def test_bowl_under_an_overhang_gets_an_expanding_grasp():
+    """A bowl in a drawer under a cabinet's top panel: no room for a finger outside the rim, so
+    the fingers go in closed, spread across the direction away from the panel, and hold by
+    opening; a bowl on the open table keeps the rim pinch."""
+    state = _state([["on", "akita_black_bowl_1", "plate_1"]])
+    bowl = _box([0.085, -0.13, 1.09], [0.053, 0.053, 0.026])
+    state["objects"]["akita_black_bowl_1"] = bowl
+    # The cabinet top covers the bowl's -y half, 1 cm above its rim.
+    state["fixture_boxes"] = np.array([[-0.13, -0.41, 1.125, 0.18, -0.138, 1.128]])
+    expert = ScriptedExpert()
+    plan = expert._make_plan(state)
+    assert plan.hold == -1.0                                          # open = hold
+    assert plan.grasp[1] > -0.13 + 0.01                               # shifted to the open side (+y)
+    assert plan.grasp[2] < bowl["aabb_min"][2] + 0.04                 # fingertips near the floor
+    assert abs(abs(plan.yaw) - np.pi / 2) < 1e-6                      # spread along x
+    chunk = expert.predict([_obs(state, key="libero_spatial/4/0")]).chunks[0]
+    assert np.all(chunk[:, 6] == 1.0)                                 # fingers closed on the way in
+
+    state["fixture_boxes"] = np.zeros((0, 6))
+    table_bowl = _box([0.085, -0.13, 0.93], [0.053, 0.053, 0.026])
+    state["objects"]["akita_black_bowl_1"] = table_bowl
+    plan = ScriptedExpert()._make_plan(state)
+    assert plan.hold == 1.0 and plan.yaw == 0.0                      # rim pinch, close = hold
+    assert abs(abs(plan.grasp[1] + 0.13) - 0.047) < 1e-6
+
+
+@pytest.mark.parametrize("suite,task_id,trial", [("libero_spatial", 0, 0), ("libero_object", 0, 0),
+                                                 ("libero_spatial", 4, 0)])
 def test_expert_solves_real_libero_episode(suite, task_id, trial):
     pytest.importorskip("libero.libero")
     from jobs.expert_eval import make_runner, run_episode

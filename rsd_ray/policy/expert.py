@@ -12,7 +12,14 @@ a few mm short of its setpoint under gravity and swings out ~1.5 cm on fast move
 
 Phases, one episode: approach (above the grasp point) -> descend -> grasp (close) -> lift ->
 carry (object over the target) -> place (lower) -> release (open) -> retreat; a failed grasp
-or a dropped object sends the episode back to approach with fresh poses.
+or a dropped object sends the episode back to approach with fresh poses. Grasps: objects at
+their box centre (slid clear of neighbours); bowls by a pinch of the rim, or, under an
+overhang (in a drawer) or raised (on the cabinet), by an expanding grasp: fingers in closed,
+then opened against the inner wall, so "hold" is the open command there.
+
+Where the arm reaches far or high, OSC settles centimetres short of its setpoint in free
+space; an integral term on settled errors (approach, descend) closes that gap, and a descent
+counts as blocked only when the gripper touches something (`gripper_contact`).
 
 Reads `Observation.privileged` as written by `rsd_ray.env.privileged.read_privileged_state`.
 Goals handled: (On obj target) and (In obj region) with one movable object; others (Open,
