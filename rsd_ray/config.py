@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rsd_ray.protocol import (
     CHUNK_STEPS, NOOP_ACTION, NUM_INIT_STATES, NUM_RFSQ_LAYERS, NUM_WAIT_STEPS,
     POLICY_IMAGE_SIZE, RENDER_SIZE, SUITES, check_suite,
 )
+
+# The RSD policy trained in-project on the scripted expert's demonstrations (issue 9): what
+# `jobs/eval_libero.py` runs when no policy is named. Resolved from the checkout, not the cwd.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default_policy"
 
 DECODING_MODES = ("parallel", "autoregressive", "speculative")
 POLICY_KINDS = ("noop", "random", "expert", "rsd", "fault")
@@ -88,8 +93,8 @@ class DecodeConfig:
 
 @dataclass
 class PolicyConfig:
-    kind: str = "expert"                  # noop / random / expert / rsd / fault
-    checkpoint: str | None = None         # local directory (rsd); no hub downloads
+    kind: str = "rsd"                     # noop / random / expert / rsd / fault
+    checkpoint: str | None = None         # local directory (rsd); None: the shipped default; no hub downloads
     device: str = "auto"                  # auto: cuda when the actor got a GPU, else cpu
     max_batch: int = 32                   # slots per policy call
     max_wait_ms: float = 5.0              # how long a partial batch waits for more requests
@@ -105,7 +110,7 @@ class PolicyConfig:
             raise ValueError(f"policy.kind={self.kind!r}; expected one of {', '.join(POLICY_KINDS)}")
         if self.kind == "rsd":
             if not self.checkpoint:
-                raise ValueError("policy.kind='rsd' needs --policy.checkpoint=DIR (a local checkpoint directory)")
+                self.checkpoint = str(DEFAULT_CHECKPOINT)
             if not os.path.isdir(self.checkpoint):
                 raise ValueError(f"policy.checkpoint={self.checkpoint!r} is not a directory")
         if self.graph_mode not in ("auto", "eager", "static", "cuda_graph"):

@@ -96,3 +96,14 @@ def test_help_lists_every_field():
     for flag in ("--env.suite", "--env.max_steps", "--policy.checkpoint", "--decode.acceptance",
                  "--decode.draft_layers", "--records.output_dir", "--cluster.num_env_actors", "--seed"):
         assert flag in out.stdout
+
+
+def test_default_policy_is_the_shipped_checkpoint():
+    """No policy named: the RSD policy trained in-project (checkpoints/default_policy), found from
+    the checkout wherever the job runs, and its config files are there."""
+    from rsd_ray.config import DEFAULT_CHECKPOINT, PolicyConfig
+
+    policy = PolicyConfig()
+    assert policy.kind == "rsd" and Path(policy.checkpoint) == DEFAULT_CHECKPOINT
+    for name in ("rsd_config.json", "training.json", "README.md", "heads.safetensors", "draft.safetensors"):
+        assert (DEFAULT_CHECKPOINT / name).is_file(), name

@@ -110,3 +110,17 @@ def test_any_llama_causal_lm_directory_is_a_backbone(tmp_path):
         load_backbone(tmp_path / "lm", RSDConfig.tiny(num_hidden_layers=3))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_backbone(tmp_path)
+
+
+def test_shipped_default_checkpoint_loads_and_speculation_is_exact():
+    """The trained default (checkpoints/default_policy) loads without random weights, and its
+    speculative chunks with exact acceptance equal its autoregressive ones."""
+    from rsd_ray.config import DEFAULT_CHECKPOINT
+
+    obs = observations(4)
+    chunks = {}
+    for mode in ("autoregressive", "speculative"):
+        policy = RSDPolicy.from_pretrained(DEFAULT_CHECKPOINT, DecodeSettings(mode=mode, draft_layers=3), device="cpu")
+        chunks[mode] = policy.predict(obs).chunks
+    assert chunks["autoregressive"].shape == (4, 8, 7) and np.isfinite(chunks["autoregressive"]).all()
+    np.testing.assert_array_equal(chunks["speculative"], chunks["autoregressive"])
