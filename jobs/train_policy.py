@@ -75,6 +75,12 @@ class TrainPolicyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     shift_px: int = 3                # random image translation (augmentation); 0 = off
+    # Cross-entropy weight per RFSQ layer. The coarse layers carry the motion; the fine ones
+    # refine it by < 1e-3 of the action range, are close to noise on a few hundred demos, and
+    # with equal weights the model spends its capacity memorising them (val CE rising while
+    # train CE falls). None: equal weights.
+    layer_weights: list[float] | None = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0625])
+    keep_best: bool = True           # end the main phase with the weights of the best weighted val CE
     max_minutes: float | None = None   # cap on the main phase's wall time (state is saved)
     on_max_minutes: str = "finish"   # finish: go on to the draft and write the checkpoint; stop: exit (resumable)
     eval_every: int = 100            # validation cross-entropy every N steps
@@ -105,6 +111,10 @@ class TrainPolicyConfig:
         if self.draft_train_layers is not None and not 1 <= self.draft_train_layers <= self.model.draft_max_layers:
             raise ValueError(f"train_policy: draft_train_layers={self.draft_train_layers}; expected "
                              f"1..model.draft_max_layers={self.model.draft_max_layers}")
+        if self.layer_weights is not None and (len(self.layer_weights) != self.model.num_rfsq_layers
+                                               or min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0):
+            raise ValueError(f"train_policy: layer_weights={self.layer_weights}; expected "
+                             f"{self.model.num_rfsq_layers} non-negative weights, not all zero")
         if self.draft_steps < 0:
             raise ValueError(f"train_policy: draft_steps={self.draft_steps}; expected >= 0")
         rf, m = self.rfsq, self.model
@@ -112,6 +122,11 @@ class TrainPolicyConfig:
                      ("num_layers", "num_rfsq_layers"), ("num_levels", "num_levels")):
             if getattr(rf, a) != getattr(m, b):
                 raise ValueError(f"train_policy: rfsq.{a}={getattr(rf, a)} but model.{b}={getattr(m, b)}; expected equal")
+
+    def layer_weight_tensor(self) -> torch.Tensor:
+        """[L] weights summing to 1."""
+        w = torch.tensor(self.layer_weights or [1.0] * self.model.num_rfsq_layers, dtype=torch.float32)
+        return w / w.sum()
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -202,6 +217,9 @@ def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]
     axes[0].plot([h["step"] for h in train], [h["train_ce"] for h in train], label="train CE (mean of L layers)", alpha=0.6)
     if val:
         axes[0].plot([h["step"] for h in val], [h["val_ce"] for h in val], "o-", label="val CE (mean of L layers)")
+        if any("val_loss" in h for h in val):
+            axes[0].plot([h["step"] for h in val if "val_loss" in h], [h["val_loss"] for h in val if "val_loss" in h],
+                         "s-", label="val CE weighted per layer (selects the kept weights)")
         for layer in (0, 1):     # the coarse layers carry the action; the fine ones are near noise
             axes[0].plot([h["step"] for h in val], [h["val_ce_per_layer"][layer] for h in val], ".--",
                          label=f"val CE layer {layer}")
@@ -285,19 +303,22 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     history: list[dict[str, Any]] = []
     draft_history: list[dict[str, Any]] = []
     step, phase, main_s = 0, "main", 0.0
+    weights = config.layer_weight_tensor()                                             # [L]
+    best: dict[str, Any] | None = None       # {"step", "val_loss", "model"}: lowest weighted val CE so far
     if state is not None:
         model.load_state_dict(state["model"])
         draft.load_state_dict(state["draft"])
         optimizer.load_state_dict(state["optimizer"])
         step, phase, history, draft_history = state["step"], state["phase"], state["history"], state["draft_history"]
         main_s = state.get("main_s", 0.0)
+        best = state.get("best")
         print(f"[train_policy] resumed {state_path}: phase {phase}, step {step}")
 
     def snapshot(draft_optimizer=None, draft_step: int = 0) -> dict[str, Any]:
         return {"model": model.state_dict(), "draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
                 "draft_optimizer": draft_optimizer.state_dict() if draft_optimizer is not None else None,
                 "draft_step": draft_step, "step": step, "phase": phase, "history": history,
-                "draft_history": draft_history, "data_fingerprint": fingerprint, "main_s": main_s,
+                "draft_history": draft_history, "data_fingerprint": fingerprint, "main_s": main_s, "best": best,
                 "proprio": {"q01": proprio.q01, "q99": proprio.q99}, "config": asdict(config)}
 
     stopped_early = False
@@ -316,12 +337,13 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px, gen)
             logits, _ = teacher_forced_logits(model, images, ids, mask, prop, tokens)
             ce, acc = token_losses(logits, tokens)
-            loss = ce.mean()
+            loss = (ce * weights).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            row: dict[str, Any] = {"step": step + 1, "train_ce": round(float(loss.detach()), 5),
+            row: dict[str, Any] = {"step": step + 1, "train_ce": round(float(ce.detach().mean()), 5),
+                                   "train_loss": round(float(loss.detach()), 5),
                                    "train_ce_layer0": round(float(ce[0].detach()), 5)}
             done = step + 1
             main_s = time.perf_counter() - t_phase
@@ -330,6 +352,10 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                 if len(val_idx):
                     ev = evaluate_tokens(model, demos, val_idx)
                     row.update(val_ce=ev["ce"], val_ce_per_layer=ev["ce_per_layer"], val_acc_per_layer=ev["acc_per_layer"])
+                    row["val_loss"] = float((torch.tensor(ev["ce_per_layer"]) * weights).sum())
+                    if config.keep_best and (best is None or row["val_loss"] < best["val_loss"]):
+                        best = {"step": done, "val_loss": row["val_loss"],
+                                "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 row["wall_s"] = round(main_s, 1)
             history.append(row)
             bar.set_postfix(ce=f"{row['train_ce']:.3f}", ce0=f"{row['train_ce_layer0']:.3f}", val=f"{row.get('val_ce', float('nan')):.3f}")
@@ -345,6 +371,10 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                 break
         bar.close()
         if not stopped_early:
+            if best is not None:
+                model.load_state_dict(best["model"])
+                print(f"[train_policy] main phase ends with the weights of step {best['step']} "
+                      f"(weighted val CE {best['val_loss']:.4f}, the lowest)")
             phase = "draft"
             _save_state(state_path, snapshot())
 
@@ -389,7 +419,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     # ---- write the checkpoint and the results ---------------------------------------------
     model.eval()
     draft.eval()
-    final: dict[str, Any] = {"phase": phase, "step": step, "stopped_early": stopped_early, "main_cut_at_step": cut_at}
+    final: dict[str, Any] = {"phase": phase, "step": step, "stopped_early": stopped_early, "main_cut_at_step": cut_at,
+                             "weights_from_step": best["step"] if best is not None else step}
     eval_idx = val_idx if len(val_idx) else train_idx
     final["eval_rows"] = "val" if len(val_idx) else "train"
     final.update({f"tokens_{k}": v for k, v in evaluate_tokens(model, demos, eval_idx).items()})
@@ -467,7 +498,8 @@ The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive
   {f.get('arm_mse', float('nan')):.4g}, gripper sign agreement {f.get('gripper_sign_agreement', float('nan')):.3f}
 - draft vs main greedy tokens, agreement per layer: {f.get('draft_token_agreement_per_layer')};
   mean exact-accepted prefix (layers) {f.get('draft_exact_prefix_layers_mean')}
-- main phase: {f['step']} of {config.steps} steps (cut by max_minutes at {f.get('main_cut_at_step')}), batch {config.batch_size}
+- main phase: {f['step']} of {config.steps} steps (cut by max_minutes at {f.get('main_cut_at_step')}), batch {config.batch_size};
+  weights kept from step {f.get('weights_from_step')} (lowest val CE weighted per layer by {config.layer_weights})
 - wall: main {results['main_s']} s, draft {results['draft_s']} s ({results['threads']} torch thread(s), CPU)
 """
 

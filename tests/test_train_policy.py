@@ -93,6 +93,12 @@ def test_train_resume_and_load(sample_run, tmp_path):
     assert full["num_val_rows"] > 0 and full["num_val_rows"] % NUM_CHUNKS == 0    # split by episode
     assert full["draft_history"][-1]["draft_ce"] < full["draft_history"][0]["draft_ce"]
     assert Path(str(tmp_path / "full" / "curve") + ".png").stat().st_size > 0
+    # the checkpoint carries the weights of the lowest weighted val CE, not the last step's
+    evals = [h for h in full["history"] if "val_loss" in h]
+    assert [h["step"] for h in evals] == [10, 20, 30]
+    assert full["final"]["weights_from_step"] == min(evals, key=lambda h: h["val_loss"])["step"]
+    with pytest.raises(ValueError, match="layer_weights"):
+        train_config(sample_run, tmp_path, "bad", layer_weights=[1.0, 1.0])
 
     # interrupted: max_minutes=0 stops the main phase after its first step (state saved)
     part = train_config(sample_run, tmp_path, "resumed", max_minutes=0.0, on_max_minutes="stop")
@@ -164,7 +170,7 @@ def test_overfit_reproduces_tokens_autoregressively(tmp_path):
     RecordWriter(spec_dir).write_samples(table.to_pylist())
     config = train_config(spec_dir, tmp_path, "overfit", model=tiny_model(hidden_size=64, intermediate_size=128),
                           steps=150, batch_size=4, lr=1e-2, warmup_steps=5, shift_px=0, val_fraction=0.0,
-                          weight_decay=0.0, draft_steps=1, eval_every=50, save_every=200)
+                          weight_decay=0.0, draft_steps=1, eval_every=50, save_every=200, layer_weights=None)
     result = train_policy(config)
     loaded = load_policy(result["checkpoint"])
     demos = build_demo_tensors(sort_samples(read_samples([spec_dir])), loaded.config, loaded.tokenizer, loaded.proprio)
