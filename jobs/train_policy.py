@@ -224,7 +224,7 @@ def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]
             axes[0].plot([h["step"] for h in val], [h["val_ce_per_layer"][layer] for h in val], ".--",
                          label=f"val CE layer {layer}")
     axes[0].axhline(math.log(7), color="grey", ls=":", label="uniform (log 7)")
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("cross-entropy (nats)"), axes[0].legend()
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("cross-entropy (nats)"), axes[0].legend(fontsize=7, loc="upper right")
     if val:
         acc = np.array([h["val_acc_per_layer"] for h in val])
         for layer in range(acc.shape[1]):
