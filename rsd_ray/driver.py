@@ -103,8 +103,9 @@ def summarize(run_dir: Path, num_new: int = 0) -> RunSummary:
         t[row["outcome"]] += 1
         if row["outcome"] == "success":
             t["_steps"].append(row["num_steps"])
-        if row["latency_ms_median"] == row["latency_ms_median"]:
-            t["_lat"].append(row["latency_ms_median"])
+        latency = row["latency_ms_median"]
+        if latency is not None and latency == latency:     # null (no chunk served) or NaN: no latency
+            t["_lat"].append(latency)
     rows = []
     for (_, _), t in sorted(per_task.items()):
         steps, lat = t.pop("_steps"), t.pop("_lat")

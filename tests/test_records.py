@@ -107,3 +107,17 @@ def test_default_policy_is_the_shipped_checkpoint():
     assert policy.kind == "rsd" and Path(policy.checkpoint) == DEFAULT_CHECKPOINT
     for name in ("rsd_config.json", "training.json", "README.md", "heads.safetensors", "draft.safetensors"):
         assert (DEFAULT_CHECKPOINT / name).is_file(), name
+
+
+def test_summary_skips_episodes_without_a_latency(tmp_path):
+    """An episode that served no chunk has a null latency; the end-of-run table must still print
+    (it crashed comparing None with a float when an env actor died mid-run under load)."""
+    from rsd_ray.driver import summarize
+
+    writer = RecordWriter(tmp_path)
+    writer.write_episodes([episode("libero_spatial/0/0", "timeout"),
+                           {**episode("libero_spatial/0/1", "timeout"), "latency_ms_median": 4.5},
+                           {**episode("libero_spatial/0/2", "error"), "latency_ms_median": float("nan")}])
+    summary = summarize(tmp_path)
+    assert (summary.num_episodes, summary.num_timeout, summary.num_error) == (3, 2, 1)
+    assert summary.per_task[0]["chunk_ms_median"] == "4.50"
