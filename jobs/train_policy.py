@@ -7,7 +7,8 @@
 Phases (each resumable; `--resume` picks up where the state file in work_dir left off):
 1. rfsq:  fit the RFSQ tokenizer on the demonstrations' action chunks (jobs/train_rfsq.py's
           `train_rfsq`), saved to work_dir/rfsq and reused on resume so the tokens never change.
-2. main:  the RSD model, teacher-forced, cross-entropy on all L RFSQ layers (training.py).
+2. main:  the RSD model, teacher-forced, cross-entropy on all L RFSQ layers weighted toward the
+          coarse ones (`layer_weights`); ends with the weights of the best weighted val CE.
 3. draft: the draft on the coarse layers, from the frozen main model's block-0 hidden states,
           distilled from the main model's greedy tokens (or the gold ones: --draft_target=gold).
 Then `save_policy(out_dir)` (RSDPolicy.from_pretrained loads it), plus out_dir/README.md and

@@ -199,19 +199,18 @@ def read_privileged_state(env: Any) -> dict[str, Any]:
 
 
 def _gripper_touches_world(sim: Any, robot: Any) -> bool:
-    """Whether any geom of the gripper touches something that is not the robot: tells a hand
-    blocked by a wall from an arm that merely settles short of its setpoint."""
+    """Whether any gripper geom touches something that is not the robot: tells a hand blocked
+    by a wall from an arm that merely settles short of its setpoint."""
     model = sim.model
-    gripper_geoms = {model.geom_name2id(name) for name in robot.gripper.contact_geoms
-                     if name in model._geom_name2id}
-    gripper_geoms |= {model.geom_name2id(name) for name in robot.gripper.visual_geoms
-                      if name in model._geom_name2id}
-    robot_bodies = {model.body_name2id(name) for name in robot.robot_model.bodies
-                    if name in model._body_name2id}
-    robot_bodies |= {model.body_name2id(name) for name in robot.gripper.bodies if name in model._body_name2id}
+
+    def body_ids(names: Any) -> set[int]:
+        return {model.body_name2id(name) for name in names if name in model._body_name2id}
+
+    gripper = body_ids(robot.gripper.bodies)
+    robot_bodies = gripper | body_ids(robot.robot_model.bodies)
     for i in range(sim.data.ncon):
         contact = sim.data.contact[i]
-        for mine, other in ((contact.geom1, contact.geom2), (contact.geom2, contact.geom1)):
-            if mine in gripper_geoms and model.geom_bodyid[other] not in robot_bodies:
-                return True
+        b1, b2 = model.geom_bodyid[contact.geom1], model.geom_bodyid[contact.geom2]
+        if (b1 in gripper and b2 not in robot_bodies) or (b2 in gripper and b1 not in robot_bodies):
+            return True
     return False

@@ -263,8 +263,8 @@ class ScriptedExpert(Policy):
                 yaw = float(np.arctan2(away[1], away[0]))
                 yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2      # closing axis is symmetric
             else:
-                volumes = [_hand_overlap(grasp, others, cfg.hand_bottom_m, with_fingers=False, yaw=y)
-                           for y in (0.0, np.pi / 2)]
+                volumes = [_hand_overlap(grasp, others, cfg.hand_bottom_m, with_fingers=False, quarter_turn=turn)
+                           for turn in (False, True)]
                 yaw = np.pi / 2 if volumes[1] < volumes[0] - 1e-9 else 0.0
             hold = OPEN
         elif "bowl" in obj_name:
@@ -515,13 +515,13 @@ _FINGER_BOXES = (((-0.013, 0.032, -0.013), (0.013, 0.068, 0.049)),
 
 
 def _hand_overlap(point: np.ndarray, others: list[tuple[np.ndarray, np.ndarray]], hand_bottom_m: float,
-                  with_fingers: bool = True, yaw: float = 0.0) -> float:
+                  with_fingers: bool = True, quarter_turn: bool = False) -> float:
     """Volume (m^3) of the gripper's boxes inside the neighbours' boxes at grasp `point` [3],
-    with the hand turned by `yaw` (0 or pi/2) from its start orientation."""
+    with the hand in its start orientation or turned a quarter about z."""
     boxes = [(np.array([-0.03, -0.105, hand_bottom_m]), np.array([0.04, 0.105, 0.15]))]
     if with_fingers:
         boxes += [(np.array(lo), np.array(hi)) for lo, hi in _FINGER_BOXES]
-    if abs(yaw) > 1e-6:
+    if quarter_turn:
         # A quarter turn about z maps the box (x, y) extents onto (-y, x).
         boxes = [(np.array([-b_hi[1], b_lo[0], b_lo[2]]), np.array([-b_lo[1], b_hi[0], b_hi[2]]))
                  for b_lo, b_hi in boxes]
