@@ -11,6 +11,9 @@ Parquet files are the dataset: one row per chunk boundary of every *successful* 
 `rsd_ray.records.writer.read_samples`. The env renders only at chunk boundaries, the only
 steps whose images a sample holds.
 
+With `action_noise_std` > 0 the executed actions are perturbed (DART) while each sample keeps
+the expert's clean chunk for the state it actually saw.
+
 Movable objects are shifted by N(0, init_perturbation_m) metres after the trial's init state,
 so the demonstrations start away from the fixed evaluation states; pick `first_trial` so that
 the evaluation trials you report are not among the collected ones either.
@@ -32,6 +35,9 @@ class CollectDemosConfig:
     first_trial: int = 10                  # trials first_trial.. (init state i, then perturbed)
     num_trials: int = 20
     init_perturbation_m: float = 0.015     # > 0: start states differ from the evaluation's
+    # > 0: DART. Executed actions get N(0, this) on the translation dims; samples keep the
+    # expert's clean chunk, so the policy also learns how the expert recovers from drift.
+    action_noise_std: float = 0.0
     output_dir: str = "runs/demos"
     run_name: str = "demos"                # run directories are <run_name>-<suite>
     num_env_actors: int | None = None      # None: one per CPU
@@ -54,7 +60,7 @@ class CollectDemosConfig:
         return EvalConfig(
             env=EnvConfig(suite=suite, task_ids=self.task_ids, first_trial=self.first_trial,
                           num_trials=self.num_trials, init_perturbation_m=self.init_perturbation_m,
-                          cameras="on"),
+                          action_noise_std=self.action_noise_std, cameras="on"),
             policy=PolicyConfig(kind="expert"),
             records=RecordsConfig(output_dir=self.output_dir, run_name=f"{self.run_name}-{suite}",
                                   record_chunks=False, record_samples="success"),

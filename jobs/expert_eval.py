@@ -38,6 +38,7 @@ class ExpertEvalConfig:
     tasks: tuple[int, ...] = tuple(range(10))
     trials: tuple[int, ...] = tuple(range(5))     # init-state indices
     use_camera_obs: bool = False
+    action_noise_std: float = 0.0                  # DART noise on executed actions (collect_demos)
     out: str = ""                                  # default bench/results/expert_<suite>_cpu.json
     verbose: bool = False
 
@@ -48,9 +49,11 @@ class ExpertEvalConfig:
             raise ValueError(f"trials={bad} out of range; expected init-state indices 0..{NUM_INIT_STATES - 1}")
 
 
-def make_runner(suite: str, policy: ScriptedExpert, use_camera_obs: bool = False) -> EpisodeRunner:
+def make_runner(suite: str, policy: ScriptedExpert, use_camera_obs: bool = False,
+                action_noise_std: float = 0.0) -> EpisodeRunner:
     """The evaluator's own episode loop (rsd_ray.env.episode), in this process, one env per task."""
-    return EpisodeRunner(EnvConfig(suite=suite), inline_client(policy), needs_privileged_state=True,
+    return EpisodeRunner(EnvConfig(suite=suite, action_noise_std=action_noise_std), inline_client(policy),
+                         needs_privileged_state=True,
                          record_chunks=False, use_cameras=use_camera_obs)
 
 
@@ -79,7 +82,7 @@ def run(cfg: ExpertEvalConfig) -> dict[str, Any]:
     policy.trace = True     # boundary poses go into the log printed for failed episodes
     episodes: list[dict[str, Any]] = []
     rows = []
-    runner = make_runner(cfg.suite, policy, cfg.use_camera_obs)
+    runner = make_runner(cfg.suite, policy, cfg.use_camera_obs, cfg.action_noise_std)
     try:
         for task_id in cfg.tasks:
             results = []
@@ -137,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", default="5", help="a count N (init states 0..N-1) or a list like 10-14")
     parser.add_argument("--use-camera-obs", action="store_true")
     parser.add_argument("--soft-reset", action="store_true", help="(kept for old commands: resets are always soft)")
+    parser.add_argument("--action-noise-std", type=float, default=0.0)
     parser.add_argument("--out", default="")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     trials = tuple(range(int(args.trials))) if args.trials.isdigit() else _int_list(args.trials)
     run(ExpertEvalConfig(suite=args.suite, tasks=_int_list(args.tasks), trials=trials,
-                         use_camera_obs=args.use_camera_obs, out=args.out, verbose=args.verbose))
+                         use_camera_obs=args.use_camera_obs, action_noise_std=args.action_noise_std, out=args.out, verbose=args.verbose))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ class TrainPolicyConfig:
     work_dir: str | None = None      # resumable state + tokenizer; None: runs/train_policy/<out_dir name>
     results_prefix: str | None = None   # learning curve .json/.png; None: bench/results/train_policy_<name>
     resume: bool = False
+    # A policy checkpoint to start from (fine-tuning on more data): its RFSQ tokenizer and proprio
+    # normalisation are kept, so its tokens and inputs mean what its weights learned; the model
+    # config must equal it. None: train the tokenizer and the policy from scratch.
+    init_from: str | None = None
     seed: int = 0
     val_fraction: float = 0.1        # of the episodes, held out (0: none)
     model: RSDConfig = field(default_factory=default_model)
@@ -153,6 +157,33 @@ def _split(keys: list[str], val_fraction: float, seed: int) -> tuple[torch.Tenso
     val_eps = set(rng.permutation(episodes)[:num_val].tolist())
     is_val = np.array([k in val_eps for k in keys])
     return torch.from_numpy(np.nonzero(~is_val)[0]), torch.from_numpy(np.nonzero(is_val)[0])
+
+
+def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path):
+    """Load config.init_from (a policy checkpoint) and put its tokenizer in work_dir/rfsq, where a
+    resumed run finds it like a trained one."""
+    from rsd_ray.policy.checkpoint import RFSQ_DIR, load_policy, read_config
+
+    source = Path(config.init_from)
+    if not source.is_dir():
+        raise FileNotFoundError(f"train_policy: init_from={str(source)!r} is not a policy checkpoint directory")
+    theirs = asdict(read_config(source))
+    ours = asdict(config.model)
+    differ = {k: (ours.get(k), v) for k, v in theirs.items() if k != "format" and ours.get(k) != v}
+    if differ:
+        raise ValueError(f"train_policy: model config differs from init_from={str(source)!r}: "
+                         + ", ".join(f"{k}: ours {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
+    loaded = load_policy(source)
+    if rfsq_dir.exists():
+        shutil.rmtree(rfsq_dir)
+    shutil.copytree(source / RFSQ_DIR, rfsq_dir)
+    previous = source / "training.json"
+    history = json.loads(previous.read_text()) if previous.is_file() else {}
+    lineage = [{k: history.get(k) for k in ("command", "data", "data_fingerprint")}] + history.get("init_lineage", [])
+    (rfsq_dir / "train_metrics.json").write_text(json.dumps(
+        {"copied_from": str(source), "val": history.get("rfsq_val"), "init_lineage": lineage}, indent=2))
+    print(f"[train_policy] starting from {source}: its weights, RFSQ tokenizer and proprio normalisation")
+    return loaded
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -280,7 +311,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
 
     # ---- phase 1: RFSQ tokenizer ---------------------------------------------------------
     rfsq_dir = work / "rfsq"
-    if state is None or not (rfsq_dir / "config.json").exists():
+    init = None
+    if config.init_from is not None and state is None:
+        init = _start_from_checkpoint(config, rfsq_dir)
+        rfsq_metrics = json.loads((rfsq_dir / "train_metrics.json").read_text())
+    elif state is None or not (rfsq_dir / "config.json").exists():
         npy = work / "action_chunks.npy"
         np.save(npy, chunks)
         rfsq_metrics = train_rfsq(TrainRFSQConfig(out_dir=str(rfsq_dir), npy=str(npy), seed=config.seed,
@@ -292,7 +327,10 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     else:
         rfsq_metrics = json.loads((rfsq_dir / "train_metrics.json").read_text())
     tokenizer = RFSQTokenizer.from_pretrained(rfsq_dir)
-    proprio = ProprioStats(**state["proprio"]) if state is not None else proprio_stats(table)
+    if state is not None:
+        proprio = ProprioStats(**state["proprio"])
+    else:
+        proprio = init.proprio if init is not None else proprio_stats(table)
     demos = build_demo_tensors(table, config.model, tokenizer, proprio)
     train_idx, val_idx = _split(demos.episode_keys, config.val_fraction, config.seed)
     gold_chunks = torch.from_numpy(chunks)
@@ -300,6 +338,9 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     # ---- phase 2: main model --------------------------------------------------------------
     torch.manual_seed(config.seed)
     model, draft = RSDModel(config.model), DraftModel(config.model)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+        draft.load_state_dict(init.draft.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict[str, Any]] = []
     draft_history: list[dict[str, Any]] = []
@@ -444,6 +485,9 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                "data": list(config.data), "data_fingerprint": fingerprint, "num_samples": table.num_rows,
                "num_episodes": num_episodes, "num_train_rows": len(train_idx), "num_val_rows": len(val_idx),
                "rfsq_fingerprint": tokenizer.fingerprint(), "rfsq_val": rfsq_metrics.get("val"),
+               # how the checkpoint this run started from was trained (newest first): with the
+               # command above, enough to rebuild this one
+               "init_lineage": rfsq_metrics.get("init_lineage", []),
                "main_s": round(main_s, 1), "draft_s": round(draft_s, 1),
                "total_wall_s_this_invocation": round(time.perf_counter() - wall_start, 1),
                "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -462,6 +506,15 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     return results
 
 
+def _lineage_text(lineage: list[dict[str, Any]]) -> str:
+    if not lineage:
+        return ""
+    lines = ["Fine-tuned (`--init_from`) from a checkpoint trained by, newest first:", ""]
+    for item in lineage:
+        lines += [f"- `{item.get('command')}` (data fingerprint `{item.get('data_fingerprint')}`)"]
+    return "\n".join(lines) + "\n\n"
+
+
 def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     f = results["final"]
     m = config.model
@@ -477,7 +530,7 @@ Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted e
 {results['command']}
 ```
 
-## Data
+{_lineage_text(results.get('init_lineage', []))}## Data
 
 - run directories: {', '.join(results['data'])}
 - data fingerprint (`rsd_ray.policy.training.samples_fingerprint`): `{results['data_fingerprint']}`

@@ -36,6 +36,10 @@ class EnvConfig:
     # Demonstrations only: shift movable objects by N(0, this) metres after the init state,
     # so recorded episodes start away from the evaluation trials' states. 0 for evaluation.
     init_perturbation_m: float = 0.0
+    # Demonstrations only (DART): add N(0, this) to the translation dims of every *executed*
+    # action while samples keep the policy's clean chunk, so the data shows the expert
+    # recovering from the small drifts a learned policy makes. 0 for evaluation.
+    action_noise_std: float = 0.0
     # Speed options that leave every policy input and outcome bit-identical (tests prove it).
     skip_unused_renders: bool = True      # render only steps whose observation is used
     reuse_env: bool = True                # keep the env across trials of a task (soft reset)
@@ -55,6 +59,8 @@ class EnvConfig:
             raise ValueError(f"env.noop_action has {len(self.noop_action)} values; expected 7")
         if not 0.0 <= self.init_perturbation_m <= 0.1:
             raise ValueError(f"env.init_perturbation_m={self.init_perturbation_m}; expected 0..0.1 (metres)")
+        if not 0.0 <= self.action_noise_std <= 1.0:
+            raise ValueError(f"env.action_noise_std={self.action_noise_std}; expected 0..1 (in action units)")
         if self.cameras not in ("auto", "on", "off"):
             raise ValueError(f"env.cameras={self.cameras!r}; expected auto, on or off")
         if self.mujoco_gl not in ("egl", "osmesa"):
@@ -167,9 +173,14 @@ class EvalConfig:
         """The evaluation protocol: runs with equal protocols are comparable episode for episode
         (whatever policy or decoding mode they used)."""
         e = self.env
-        return {"num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
-                "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
-                "init_perturbation_m": e.init_perturbation_m, "seed": self.seed}
+        protocol = {"num_wait_steps": e.num_wait_steps, "max_steps": e.max_steps, "noop_action": list(e.noop_action),
+                    "render_size": e.render_size, "image_size": e.image_size, "chunk_steps": CHUNK_STEPS,
+                    "init_perturbation_m": e.init_perturbation_m, "seed": self.seed}
+        if e.action_noise_std > 0:
+            # Only when set: runs recorded before this option have no such key and mean 0, and must
+            # stay comparable with (and resumable by) runs made now.
+            protocol["action_noise_std"] = e.action_noise_std
+        return protocol
 
     def run_identity(self, checkpoint_hash: str) -> dict[str, Any]:
         """Everything that can change an outcome: the protocol plus the policy and its decoding.

@@ -106,6 +106,31 @@ def test_wait_steps_then_every_action_of_every_chunk(runner, count_steps):
     assert [c["step"] for c in result.chunks] == [0, 8, 16]
 
 
+def test_action_noise_perturbs_executed_translation_but_samples_keep_the_policy_chunk(runner, count_steps):
+    """DART demonstrations (env.action_noise_std): the env gets noisy translations, the recorded
+    sample keeps the chunk the policy answered; the noise is reproducible per episode."""
+    chunk = np.tile(np.asarray(NOOP_ACTION, np.float32), (8, 1))
+    chunk[:, 0] = 0.95                             # near the bound: clipping must hold
+    runner.config.action_noise_std = 0.2
+    runner.record_samples = True
+    try:
+        first = run(runner, RecordingClient(chunk), max_steps=16)
+        executed = np.stack(count_steps[10:])
+        count_steps.clear()
+        again = run(runner, RecordingClient(chunk), max_steps=16)
+        replay = np.stack(count_steps[10:])
+    finally:
+        runner.config.action_noise_std = 0.0
+        runner.record_samples = False
+    assert executed.shape == (16, 7)
+    np.testing.assert_array_equal(executed, replay)                           # reproducible per key
+    np.testing.assert_array_equal(executed[:, 3:], np.tile(chunk[0, 3:], (16, 1)))   # rotation, gripper clean
+    noise = executed[:, 1:3] - chunk[0, 1:3]
+    assert 0.1 < noise.std() < 0.3 and executed[:, :3].max() <= 1.0 and executed[:, :3].min() >= -1.0
+    for sample in first.samples + again.samples:
+        np.testing.assert_array_equal(np.reshape(sample["action_chunk"], (8, 7)), chunk)
+
+
 def test_noop_times_out_at_exactly_the_suites_max_steps(runner):
     result = run(runner, RecordingClient())
     ep = result.episode

@@ -126,6 +126,33 @@ def test_train_resume_and_load(sample_run, tmp_path):
     assert (Path(resumed["checkpoint"]) / "training.json").is_file()
 
 
+def test_init_from_keeps_tokenizer_proprio_and_weights(sample_run, tmp_path):
+    """--init_from: the fine-tuned run starts from the checkpoint's weights, tokenizer and proprio
+    normalisation (lr 0 proves the weights were loaded: the result equals the start bit for bit),
+    records how the start was trained, and refuses a different model shape or a missing dir."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.checkpoint import load_policy
+
+    base = train_policy(train_config(sample_run, tmp_path, "base", steps=5, draft_steps=3), command="base-cmd")
+    other = write_sample_run(tmp_path / "other_data", run_id="more", seed=5)
+    tuned = train_policy(train_config(other, tmp_path, "tuned", init_from=base["checkpoint"], steps=3, lr=0.0,
+                                      draft_steps=2, draft_lr=0.0), command="tune-cmd")
+    assert tuned["rfsq_fingerprint"] == base["rfsq_fingerprint"]
+    assert tuned["init_lineage"][0]["command"] == "base-cmd"
+    assert tuned["data_fingerprint"] != base["data_fingerprint"]
+    a, b = load_policy(base["checkpoint"]), load_policy(tuned["checkpoint"])
+    assert a.proprio == b.proprio
+    for (name, x), (_, y) in zip(list(a.model.state_dict().items()) + list(a.draft.state_dict().items()),
+                                 list(b.model.state_dict().items()) + list(b.draft.state_dict().items())):
+        assert torch.equal(x, y), name
+    assert "base-cmd" in (Path(tuned["checkpoint"]) / "README.md").read_text()
+    with pytest.raises(ValueError, match="hidden_size: ours 64, checkpoint 32"):
+        train_policy(train_config(other, tmp_path, "wide", init_from=base["checkpoint"], model=tiny_model(hidden_size=64)))
+    with pytest.raises(FileNotFoundError, match="init_from="):
+        train_policy(train_config(other, tmp_path, "missing", init_from=str(tmp_path / "nope")))
+
+
 def test_teacher_forcing_matches_autoregressive_layout():
     """A random model: feeding its own autoregressive tokens back as the gold tokens, the
     teacher-forced argmax of every layer is those tokens (same positions, mask, embeddings)."""
@@ -187,8 +214,12 @@ def test_collect_demos_config():
     from collect_demos import CollectDemosConfig
 
     config = CollectDemosConfig(suites=["libero_spatial", "libero_object"], task_ids=[0, 1], first_trial=10,
-                                num_trials=5, init_perturbation_m=0.02, output_dir="out")
+                                num_trials=5, init_perturbation_m=0.02, action_noise_std=0.2, output_dir="out")
     ev = config.eval_config("libero_object")
+    assert ev.env.action_noise_std == 0.2 and ev.protocol()["action_noise_std"] == 0.2
+    # runs without the option keep the protocol they had before it existed (still comparable)
+    from rsd_ray.config import EvalConfig
+    assert "action_noise_std" not in EvalConfig().protocol()
     assert ev.records.record_samples == "success" and ev.env.cameras == "on" and ev.policy.kind == "expert"
     assert (ev.env.suite, ev.env.task_ids, ev.env.first_trial, ev.env.num_trials) == ("libero_object", [0, 1], 10, 5)
     assert ev.env.init_perturbation_m == 0.02 and ev.run_name == "demos-libero_object"

@@ -126,6 +126,7 @@ class EpisodeRunner:
             spec_info = {"task_name": env.spec.name, "instruction": env.spec.instruction}
             raw = env.start_trial(trial, after_init=self.after_init)
             reset_s = time.perf_counter() - t0
+            noise = _ActionNoise(self.config.action_noise_std, task_id, trial, request.seed)
             done = False
             while not done and num_steps < limit:
                 obs = self._observation(env, raw, request.episode_key, num_chunks, request.seed)
@@ -144,7 +145,7 @@ class EpisodeRunner:
                 for i, action in enumerate(chunk):
                     # Render only the step whose observation becomes the next chunk boundary.
                     is_boundary = i == CHUNK_STEPS - 1 and num_steps + 1 < limit
-                    raw, _, done, _ = env.step(action.astype(np.float64), render=is_boundary)
+                    raw, _, done, _ = env.step(noise(action.astype(np.float64)), render=is_boundary)
                     num_steps += 1
                     executed += 1
                     if done or num_steps >= limit:
@@ -193,6 +194,24 @@ class EpisodeRunner:
         if self.task_env is not None:
             self.task_env.close()
             self.task_env = None
+
+
+class _ActionNoise:
+    """Executed-action noise for DART-style demonstrations (EnvConfig.action_noise_std): only the
+    translation dims, clipped to the action range, reproducible per (task, trial, seed)."""
+
+    TRANSLATION_DIMS = slice(0, 3)
+
+    def __init__(self, std: float, task_id: int, trial: int, seed: int):
+        self.std = std
+        self.rng = np.random.default_rng([task_id, trial, seed, 31337]) if std > 0 else None
+
+    def __call__(self, action: np.ndarray) -> np.ndarray:
+        if self.rng is None:
+            return action
+        noisy = action.copy()
+        noisy[self.TRANSLATION_DIMS] += self.rng.normal(0.0, self.std, 3)
+        return np.clip(noisy, -1.0, 1.0)
 
 
 def _chunk_stat_fields(stats: ChunkStats) -> dict[str, Any]:
