@@ -238,7 +238,8 @@ def action_errors(model, tokenizer, demos, index: torch.Tensor, gold_chunks: tor
             "gripper_sign_agreement": float((torch.sign(pred[..., 6]) == torch.sign(gold[..., 6])).float().mean())}
 
 
-def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]], path: str, title: str) -> None:
+def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]], path: str, title: str,
+               keep_best: bool = True) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,7 +252,7 @@ def plot_curve(history: list[dict[str, Any]], draft_history: list[dict[str, Any]
         axes[0].plot([h["step"] for h in val], [h["val_ce"] for h in val], "o-", label="val CE (mean of L layers)")
         if any("val_loss" in h for h in val):
             axes[0].plot([h["step"] for h in val if "val_loss" in h], [h["val_loss"] for h in val if "val_loss" in h],
-                         "s-", label="val CE weighted per layer (selects the kept weights)")
+                         "s-", label="val CE weighted per layer" + (" (selects the kept weights)" if keep_best else ""))
         for layer in (0, 1):     # the coarse layers carry the action; the fine ones are near noise
             axes[0].plot([h["step"] for h in val], [h["val_ce_per_layer"][layer] for h in val], ".--",
                          label=f"val CE layer {layer}")
@@ -306,7 +307,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         raise ValueError(f"train_policy --resume: the data's fingerprint is {fingerprint}; the saved state in {work} "
                          f"was trained on {state['data_fingerprint']}. Same --data, or a fresh work_dir")
     chunks = action_chunks(table)                                                      # [N, T, A]
-    num_episodes = len(set(table.column("episode_key").to_pylist()))
+    # (run, key): collections on perturbed starts reuse the evaluation's keys, one key per run
+    num_episodes = len(set(zip(table.column("run_id").to_pylist(), table.column("episode_key").to_pylist())))
     print(f"[train_policy] {table.num_rows} samples from {num_episodes} episodes, data fingerprint {fingerprint}")
 
     # ---- phase 1: RFSQ tokenizer ---------------------------------------------------------
@@ -498,7 +500,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     Path(prefix + ".json").write_text(json.dumps(results, indent=2) + "\n")
     plot_curve(history, draft_history, prefix + ".png", f"train_policy {out_dir.name}: {table.num_rows} samples, "
-               f"{num_episodes} episodes, data {fingerprint}")
+               f"{num_episodes} episodes, data {fingerprint}", keep_best=config.keep_best)
     if phase == "done":
         small = {k: v for k, v in results.items() if k not in ("history", "draft_history")}
         (out_dir / "training.json").write_text(json.dumps(small, indent=2) + "\n")

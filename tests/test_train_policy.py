@@ -137,7 +137,10 @@ def test_init_from_keeps_tokenizer_proprio_and_weights(sample_run, tmp_path):
     base = train_policy(train_config(sample_run, tmp_path, "base", steps=5, draft_steps=3), command="base-cmd")
     other = write_sample_run(tmp_path / "other_data", run_id="more", seed=5)
     tuned = train_policy(train_config(other, tmp_path, "tuned", init_from=base["checkpoint"], steps=3, lr=0.0,
-                                      draft_steps=2, draft_lr=0.0), command="tune-cmd")
+                                      draft_steps=2, draft_lr=0.0, data=[str(sample_run), str(other)]),
+                         command="tune-cmd")
+    # two runs over the same episode keys are twice the episodes
+    assert tuned["num_episodes"] == 2 * base["num_episodes"] == 2 * NUM_TASKS * NUM_TRIALS
     assert tuned["rfsq_fingerprint"] == base["rfsq_fingerprint"]
     assert tuned["init_lineage"][0]["command"] == "base-cmd"
     assert tuned["data_fingerprint"] != base["data_fingerprint"]
