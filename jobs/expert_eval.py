@@ -53,8 +53,7 @@ def make_runner(suite: str, policy: ScriptedExpert, use_camera_obs: bool = False
                 action_noise_std: float = 0.0) -> EpisodeRunner:
     """The evaluator's own episode loop (rsd_ray.env.episode), in this process, one env per task."""
     return EpisodeRunner(EnvConfig(suite=suite, action_noise_std=action_noise_std), inline_client(policy),
-                         needs_privileged_state=True,
-                         record_chunks=False, use_cameras=use_camera_obs)
+                         needs_privileged_state=True, record_chunks=False, use_cameras=use_camera_obs)
 
 
 def run_episode(runner: EpisodeRunner, policy: ScriptedExpert, suite: str, task_id: int,
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     trials = tuple(range(int(args.trials))) if args.trials.isdigit() else _int_list(args.trials)
     run(ExpertEvalConfig(suite=args.suite, tasks=_int_list(args.tasks), trials=trials,
-                         use_camera_obs=args.use_camera_obs, action_noise_std=args.action_noise_std, out=args.out, verbose=args.verbose))
+                         use_camera_obs=args.use_camera_obs, action_noise_std=args.action_noise_std,
+                         out=args.out, verbose=args.verbose))
 
 
 if __name__ == "__main__":

@@ -159,17 +159,16 @@ def _split(keys: list[str], val_fraction: float, seed: int) -> tuple[torch.Tenso
     return torch.from_numpy(np.nonzero(~is_val)[0]), torch.from_numpy(np.nonzero(is_val)[0])
 
 
-def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path):
+def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Load config.init_from (a policy checkpoint) and put its tokenizer in work_dir/rfsq, where a
-    resumed run finds it like a trained one."""
+    resumed run finds it like a trained one. Returns (LoadedPolicy, the tokenizer's metrics)."""
     from rsd_ray.policy.checkpoint import RFSQ_DIR, load_policy, read_config
 
     source = Path(config.init_from)
     if not source.is_dir():
         raise FileNotFoundError(f"train_policy: init_from={str(source)!r} is not a policy checkpoint directory")
-    theirs = asdict(read_config(source))
-    ours = asdict(config.model)
-    differ = {k: (ours.get(k), v) for k, v in theirs.items() if k != "format" and ours.get(k) != v}
+    theirs, ours = asdict(read_config(source)), asdict(config.model)
+    differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v}
     if differ:
         raise ValueError(f"train_policy: model config differs from init_from={str(source)!r}: "
                          + ", ".join(f"{k}: ours {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
@@ -180,10 +179,10 @@ def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path):
     previous = source / "training.json"
     history = json.loads(previous.read_text()) if previous.is_file() else {}
     lineage = [{k: history.get(k) for k in ("command", "data", "data_fingerprint")}] + history.get("init_lineage", [])
-    (rfsq_dir / "train_metrics.json").write_text(json.dumps(
-        {"copied_from": str(source), "val": history.get("rfsq_val"), "init_lineage": lineage}, indent=2))
+    metrics = {"copied_from": str(source), "val": history.get("rfsq_val"), "init_lineage": lineage}
+    (rfsq_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"[train_policy] starting from {source}: its weights, RFSQ tokenizer and proprio normalisation")
-    return loaded
+    return loaded, metrics
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -315,8 +314,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     rfsq_dir = work / "rfsq"
     init = None
     if config.init_from is not None and state is None:
-        init = _start_from_checkpoint(config, rfsq_dir)
-        rfsq_metrics = json.loads((rfsq_dir / "train_metrics.json").read_text())
+        init, rfsq_metrics = _start_from_checkpoint(config, rfsq_dir)
     elif state is None or not (rfsq_dir / "config.json").exists():
         npy = work / "action_chunks.npy"
         np.save(npy, chunks)

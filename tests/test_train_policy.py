@@ -216,12 +216,13 @@ def test_collect_demos_config():
     """collect_demos records only successful episodes, with cameras, from perturbed starts."""
     from collect_demos import CollectDemosConfig
 
+    from rsd_ray.config import EvalConfig
+
     config = CollectDemosConfig(suites=["libero_spatial", "libero_object"], task_ids=[0, 1], first_trial=10,
                                 num_trials=5, init_perturbation_m=0.02, action_noise_std=0.2, output_dir="out")
     ev = config.eval_config("libero_object")
     assert ev.env.action_noise_std == 0.2 and ev.protocol()["action_noise_std"] == 0.2
     # runs without the option keep the protocol they had before it existed (still comparable)
-    from rsd_ray.config import EvalConfig
     assert "action_noise_std" not in EvalConfig().protocol()
     assert ev.records.record_samples == "success" and ev.env.cameras == "on" and ev.policy.kind == "expert"
     assert (ev.env.suite, ev.env.task_ids, ev.env.first_trial, ev.env.num_trials) == ("libero_object", [0, 1], 10, 5)

@@ -210,7 +210,7 @@ class _ActionNoise:
         if self.rng is None:
             return action
         noisy = action.copy()
-        noisy[self.TRANSLATION_DIMS] += self.rng.normal(0.0, self.std, 3)
+        noisy[self.TRANSLATION_DIMS] += self.rng.normal(0.0, self.std, noisy[self.TRANSLATION_DIMS].shape)
         return np.clip(noisy, -1.0, 1.0)
 
 
