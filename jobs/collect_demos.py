@@ -14,6 +14,14 @@ steps whose images a sample holds.
 With `action_noise_std` > 0 the executed actions are perturbed (DART) while each sample keeps
 the expert's clean chunk for the state it actually saw.
 
+With `learner=CKPT` (takeover, DAgger-style; rsd_ray/policy/takeover.py) that RSD checkpoint
+drives each episode's first S chunks (S uniform in `takeover_chunks`) and the expert takes
+over from the state the learner left; only the expert's chunks become samples, so the data
+holds the expert's corrections from states the learned policy actually reaches:
+
+    python jobs/collect_demos.py --learner=checkpoints/default_policy --run_name=takeover \
+        --first_trial=0 --num_trials=20 --action_noise_std=0.1
+
 Movable objects are shifted by N(0, init_perturbation_m) metres after the trial's init state,
 so the demonstrations start away from the fixed evaluation states; pick `first_trial` so that
 the evaluation trials you report are not among the collected ones either.
@@ -38,6 +46,10 @@ class CollectDemosConfig:
     # > 0: DART. Executed actions get N(0, this) on the translation dims; samples keep the
     # expert's clean chunk, so the policy also learns how the expert recovers from drift.
     action_noise_std: float = 0.0
+    # An RSD checkpoint: it drives chunks 0..S-1 of each episode and the expert takes over
+    # (takeover demonstrations); None: the expert drives whole episodes.
+    learner: str | None = None
+    takeover_chunks: list[int] = field(default_factory=lambda: [1, 14])
     output_dir: str = "runs/demos"
     run_name: str = "demos"                # run directories are <run_name>-<suite>
     num_env_actors: int | None = None      # None: one per CPU
@@ -56,12 +68,19 @@ class CollectDemosConfig:
 
     def eval_config(self, suite: str):
         """The evaluator config that records this suite's demonstrations."""
-        from rsd_ray.config import ClusterConfig, EnvConfig, EvalConfig, PolicyConfig, RecordsConfig
+        from rsd_ray.config import ClusterConfig, DecodeConfig, EnvConfig, EvalConfig, PolicyConfig, RecordsConfig
+        # The expert's runs keep the default decode config (part of their identity, so that
+        # re-running an older command resumes its directory); a learner decodes greedily and
+        # autoregressively, the chunks evaluation reports.
+        policy, decode = PolicyConfig(kind="expert"), DecodeConfig()
+        if self.learner is not None:
+            policy = PolicyConfig(kind="takeover", checkpoint=self.learner, takeover_chunks=self.takeover_chunks)
+            decode = DecodeConfig(mode="autoregressive")
         return EvalConfig(
             env=EnvConfig(suite=suite, task_ids=self.task_ids, first_trial=self.first_trial,
                           num_trials=self.num_trials, init_perturbation_m=self.init_perturbation_m,
                           action_noise_std=self.action_noise_std, cameras="on"),
-            policy=PolicyConfig(kind="expert"),
+            policy=policy, decode=decode,
             records=RecordsConfig(output_dir=self.output_dir, run_name=f"{self.run_name}-{suite}",
                                   record_chunks=False, record_samples="success"),
             cluster=ClusterConfig(num_env_actors=self.num_env_actors, show_progress=self.show_progress),

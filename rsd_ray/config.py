@@ -19,7 +19,7 @@ from rsd_ray.protocol import (
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default_policy"
 
 DECODING_MODES = ("parallel", "autoregressive", "speculative")
-POLICY_KINDS = ("noop", "random", "expert", "rsd", "fault")
+POLICY_KINDS = ("noop", "random", "expert", "rsd", "fault", "takeover")
 
 
 @dataclass
@@ -99,7 +99,7 @@ class DecodeConfig:
 
 @dataclass
 class PolicyConfig:
-    kind: str = "rsd"                     # noop / random / expert / rsd / fault
+    kind: str = "rsd"                     # noop / random / expert / rsd / fault / takeover
     checkpoint: str | None = None         # local directory (rsd); None: the shipped default; no hub downloads
     device: str = "auto"                  # auto: cuda when the actor got a GPU, else cpu
     max_batch: int = 32                   # slots per policy call
@@ -110,11 +110,17 @@ class PolicyConfig:
     graph_mode: str = "auto"
     fault: str = "nan"                    # kind=fault only: nan / wrong_shape / raise
     fault_at_chunk: int = 0
+    # kind=takeover only (demonstrations, policy/takeover.py): the rsd checkpoint drives each
+    # episode's chunks 0..S-1, the scripted expert the rest, S uniform in [first, last].
+    takeover_chunks: list[int] = field(default_factory=lambda: [1, 14])
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:
             raise ValueError(f"policy.kind={self.kind!r}; expected one of {', '.join(POLICY_KINDS)}")
-        if self.kind == "rsd":
+        if len(self.takeover_chunks) != 2 or not 0 <= self.takeover_chunks[0] <= self.takeover_chunks[1]:
+            raise ValueError(f"policy.takeover_chunks={self.takeover_chunks}; expected [first, last] with "
+                             f"0 <= first <= last")
+        if self.kind in ("rsd", "takeover"):
             if not self.checkpoint:
                 self.checkpoint = str(DEFAULT_CHECKPOINT)
             if not os.path.isdir(self.checkpoint):
@@ -188,6 +194,7 @@ class EvalConfig:
         d = self.decode
         return {**self.protocol(), "policy_kind": self.policy.kind, "checkpoint_hash": checkpoint_hash,
                 "fault": f"{self.policy.fault}@{self.policy.fault_at_chunk}" if self.policy.kind == "fault" else None,
+                **({"takeover_chunks": list(self.policy.takeover_chunks)} if self.policy.kind == "takeover" else {}),
                 "decode_mode": d.mode, "draft_layers": d.draft_layers, "acceptance": d.acceptance,
                 "sample": d.sample, "temperature": d.temperature}
 

@@ -156,7 +156,7 @@ class EpisodeRunner:
                         "episode_key": request.episode_key, "suite": suite, "task_id": task_id, "trial": trial,
                         "attempt": request.attempt, "chunk_index": num_chunks, "step": start_step,
                         "num_actions_executed": executed, "round_trip_ms": rt * 1e3, **_chunk_stat_fields(stats)})
-                if self.record_samples:
+                if self.record_samples and stats.is_demonstration:
                     sample_rows.append({
                         "episode_key": request.episode_key, "suite": suite, "task_id": task_id, "trial": trial,
                         "chunk_index": num_chunks, "step": start_step, "instruction": obs.instruction,

@@ -49,6 +49,9 @@ class ChunkStats:
     num_accepted_layers: int = -1
     num_main_passes: int = 0
     batch_size: int = 1
+    # Whether the chunk is a demonstration label for its observation (a recorded training
+    # sample); False for the learner's chunks of a takeover policy (takeover.py).
+    is_demonstration: bool = True
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)

@@ -155,6 +155,12 @@ class ScriptedExpert(Policy):
         return PolicyOutput(chunks=check_chunks(chunks, len(observations)),
                             stats=[ChunkStats(batch_size=len(observations)) for _ in observations])
 
+    def begin_episode(self, episode_key: str, eef_mat: np.ndarray) -> None:
+        """Start an episode's memory: `eef_mat` [3, 3] is the orientation to hold. A policy that
+        hands an episode over mid-way (takeover.py) calls this at chunk 0 with the start pose."""
+        start = np.asarray(eef_mat, dtype=np.float64).copy()
+        self._episodes[episode_key] = _Episode(start_mat=start, goal_mat=start.copy())
+
     def end_episode(self, episode_key: str) -> None:
         self._episodes.pop(episode_key, None)
 
@@ -189,8 +195,7 @@ class ScriptedExpert(Policy):
             raise ValueError(f"ScriptedExpert needs Observation.privileged for {obs.episode_key!r}; "
                              "got None (does the env side honour needs_privileged_state?)")
         if obs.chunk_index == 0 or obs.episode_key not in self._episodes:
-            start = np.asarray(state["eef_mat"], dtype=np.float64).copy()
-            self._episodes[obs.episode_key] = _Episode(start_mat=start, goal_mat=start.copy())
+            self.begin_episode(obs.episode_key, state["eef_mat"])
         ep = self._episodes[obs.episode_key]
         chunk = np.zeros((CHUNK_STEPS, ACTION_DIM), dtype=np.float64)   # [T, A]
         if self.unsupported_reason(state["goal"]):

@@ -21,18 +21,23 @@ def build_policy(policy: PolicyConfig, decode: DecodeConfig, device: str = "cpu"
     if policy.kind == "expert":
         from rsd_ray.policy.expert import ScriptedExpert
         return ScriptedExpert()
-    if policy.kind == "rsd":
+    if policy.kind in ("rsd", "takeover"):
         from rsd_ray.policy.rsd_policy import RSDPolicy
         graph_mode = policy.graph_mode
         if graph_mode == "auto":
             graph_mode = "cuda_graph" if str(device).startswith("cuda") else "eager"
-        return RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device, num_slots=policy.max_batch,
-                                         graph_mode=graph_mode)
+        rsd = RSDPolicy.from_pretrained(policy.checkpoint, decode, device=device, num_slots=policy.max_batch,
+                                        graph_mode=graph_mode)
+        if policy.kind == "rsd":
+            return rsd
+        from rsd_ray.policy.expert import ScriptedExpert
+        from rsd_ray.policy.takeover import TakeoverPolicy
+        return TakeoverPolicy(rsd, ScriptedExpert(), *policy.takeover_chunks)
     raise ValueError(f"policy.kind={policy.kind!r} has no builder")
 
 
 def needs_privileged_state(policy: PolicyConfig) -> bool:
-    return policy.kind == "expert"
+    return policy.kind in ("expert", "takeover")
 
 
 def checkpoint_hash(path: str | None) -> str:
