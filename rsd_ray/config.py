@@ -40,6 +40,10 @@ class EnvConfig:
     # action while samples keep the policy's clean chunk, so the data shows the expert
     # recovering from the small drifts a learned policy makes. 0 for evaluation.
     action_noise_std: float = 0.0
+    # Receding horizon: execute the first N actions of each chunk, then ask the policy again from
+    # the newer observation. CHUNK_STEPS (the default) is OpenVLA-OFT's open-loop protocol; fewer
+    # closes the loop more often (more policy calls and renders per episode).
+    execute_steps: int = CHUNK_STEPS
     # Speed options that leave every policy input and outcome bit-identical (tests prove it).
     skip_unused_renders: bool = True      # render only steps whose observation is used
     reuse_env: bool = True                # keep the env across trials of a task (soft reset)
@@ -61,6 +65,8 @@ class EnvConfig:
             raise ValueError(f"env.init_perturbation_m={self.init_perturbation_m}; expected 0..0.1 (metres)")
         if not 0.0 <= self.action_noise_std <= 1.0:
             raise ValueError(f"env.action_noise_std={self.action_noise_std}; expected 0..1 (in action units)")
+        if not 1 <= self.execute_steps <= CHUNK_STEPS:
+            raise ValueError(f"env.execute_steps={self.execute_steps}; expected 1..{CHUNK_STEPS} (actions per chunk)")
         if self.cameras not in ("auto", "on", "off"):
             raise ValueError(f"env.cameras={self.cameras!r}; expected auto, on or off")
         if self.mujoco_gl not in ("egl", "osmesa"):
@@ -186,6 +192,8 @@ class EvalConfig:
             # Only when set: runs recorded before this option have no such key and mean 0, and must
             # stay comparable with (and resumable by) runs made now.
             protocol["action_noise_std"] = e.action_noise_std
+        if e.execute_steps != CHUNK_STEPS:
+            protocol["execute_steps"] = e.execute_steps      # likewise: absent means the whole chunk
         return protocol
 
     def run_identity(self, checkpoint_hash: str) -> dict[str, Any]:

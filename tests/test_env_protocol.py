@@ -106,6 +106,28 @@ def test_wait_steps_then_every_action_of_every_chunk(runner, count_steps):
     assert [c["step"] for c in result.chunks] == [0, 8, 16]
 
 
+def test_execute_steps_runs_a_prefix_of_each_chunk_then_asks_from_the_newer_observation(runner, count_steps):
+    """Receding horizon (env.execute_steps=3): actions 0..2 of every chunk, then a fresh policy call
+    whose observation is rendered after the 3rd action, not a stale one."""
+    chunk = np.tile(np.asarray(NOOP_ACTION, np.float32), (8, 1))
+    chunk[:, 0] = 0.5 + np.arange(8) * 0.01
+    client = RecordingClient(chunk)
+    runner.config.execute_steps = 3
+    try:
+        result = run(runner, client, max_steps=8)
+    finally:
+        runner.config.execute_steps = 8
+    executed = np.stack(count_steps[10:])
+    np.testing.assert_allclose(executed[:, 0], np.concatenate([chunk[:3, 0], chunk[:3, 0], chunk[:2, 0]]))
+    assert [c["num_actions_executed"] for c in result.chunks] == [3, 3, 2]
+    assert [c["step"] for c in result.chunks] == [0, 3, 6]
+    assert [o.chunk_index for o in client.observations] == [0, 1, 2]
+    # The arm moved along x between boundaries, and the proprio the policy saw followed it.
+    xs = [o.proprio[0] for o in client.observations]
+    assert xs[0] < xs[1] < xs[2]
+    assert not np.array_equal(client.observations[1].agentview, client.observations[2].agentview)
+
+
 def test_action_noise_perturbs_executed_translation_but_samples_keep_the_policy_chunk(runner, count_steps):
     """DART demonstrations (env.action_noise_std): the env gets noisy translations, the recorded
     sample keeps the chunk the policy answered; the noise is reproducible per episode."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rsd_ray.config import DecodeConfig, EnvConfig, PolicyConfig
+from rsd_ray.config import DecodeConfig, EnvConfig, EvalConfig, PolicyConfig
 from rsd_ray.records.manifest import IncompatibleRunError, build_manifest, check_resumable, stable_hash
 from rsd_ray.records.schema import EPISODE_SCHEMA
 from rsd_ray.records.writer import CorruptRecordsError, RecordWriter, read_table, recorded_keys
@@ -61,6 +61,14 @@ def test_resume_guard_names_the_differences():
     assert a["protocol_hash"] == b["protocol_hash"] == stable_hash({"seed": 0})
 
 
+def test_execute_steps_enters_the_protocol_only_when_it_differs_from_the_whole_chunk():
+    """Runs made before env.execute_steps existed executed whole chunks: their protocol must stay
+    equal (comparable, resumable) to a default run's, and a shorter horizon must not be."""
+    assert "execute_steps" not in EvalConfig().protocol()
+    assert EvalConfig(env=EnvConfig(execute_steps=8)).protocol() == EvalConfig().protocol()
+    assert EvalConfig(env=EnvConfig(execute_steps=4)).protocol()["execute_steps"] == 4
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: EnvConfig(suite="libero-10"), "is not a LIBERO suite"),
     (lambda: EnvConfig(num_trials=51), "50 fixed init states"),
@@ -68,6 +76,8 @@ def test_resume_guard_names_the_differences():
     (lambda: DecodeConfig(draft_layers=8), "draft_layers=8"),
     (lambda: PolicyConfig(kind="rsd", checkpoint="/nonexistent/ckpt"), "is not a directory"),
     (lambda: PolicyConfig(kind="openvla"), "policy.kind='openvla'"),
+    (lambda: EnvConfig(execute_steps=9), "env.execute_steps=9"),
+    (lambda: EnvConfig(execute_steps=0), "env.execute_steps=0"),
 ])
 def test_config_errors_name_the_field(make, message):
     with pytest.raises(ValueError, match=message):

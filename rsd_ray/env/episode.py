@@ -19,7 +19,7 @@ from rsd_ray.config import EnvConfig
 from rsd_ray.env.libero_env import LiberoTaskEnv, TaskSpec, load_task
 from rsd_ray.env.preprocess import AGENTVIEW_KEY, WRIST_KEY, policy_image, proprio_state
 from rsd_ray.policy.base import ChunkStats, Observation, check_chunks
-from rsd_ray.protocol import CHUNK_STEPS, MAX_STEPS, parse_episode_key
+from rsd_ray.protocol import MAX_STEPS, parse_episode_key
 
 PolicyClient = Callable[[Observation], tuple[np.ndarray, ChunkStats]]
 
@@ -142,9 +142,10 @@ class EpisodeRunner:
                 round_trips.append(rt * 1e3)
                 start_step, executed = num_steps, 0
                 t0 = time.perf_counter()
-                for i, action in enumerate(chunk):
+                last = self.config.execute_steps - 1
+                for i, action in enumerate(chunk[:last + 1]):
                     # Render only the step whose observation becomes the next chunk boundary.
-                    is_boundary = i == CHUNK_STEPS - 1 and num_steps + 1 < limit
+                    is_boundary = i == last and num_steps + 1 < limit
                     raw, _, done, _ = env.step(noise(action.astype(np.float64)), render=is_boundary)
                     num_steps += 1
                     executed += 1
