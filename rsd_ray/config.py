@@ -20,6 +20,8 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "defa
 
 DECODING_MODES = ("parallel", "autoregressive", "speculative")
 POLICY_KINDS = ("noop", "random", "expert", "rsd", "fault", "takeover")
+# Kinds that load an RSD checkpoint (and so need a device and a checkpoint directory).
+CHECKPOINT_POLICY_KINDS = ("rsd", "takeover")
 
 
 @dataclass
@@ -126,7 +128,7 @@ class PolicyConfig:
         if len(self.takeover_chunks) != 2 or not 0 <= self.takeover_chunks[0] <= self.takeover_chunks[1]:
             raise ValueError(f"policy.takeover_chunks={self.takeover_chunks}; expected [first, last] with "
                              f"0 <= first <= last")
-        if self.kind in ("rsd", "takeover"):
+        if self.kind in CHECKPOINT_POLICY_KINDS:
             if not self.checkpoint:
                 self.checkpoint = str(DEFAULT_CHECKPOINT)
             if not os.path.isdir(self.checkpoint):

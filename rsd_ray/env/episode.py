@@ -126,6 +126,7 @@ class EpisodeRunner:
             spec_info = {"task_name": env.spec.name, "instruction": env.spec.instruction}
             raw = env.start_trial(trial, after_init=self.after_init)
             reset_s = time.perf_counter() - t0
+            horizon = self.config.execute_steps
             noise = _ActionNoise(self.config.action_noise_std, task_id, trial, request.seed)
             done = False
             while not done and num_steps < limit:
@@ -142,10 +143,9 @@ class EpisodeRunner:
                 round_trips.append(rt * 1e3)
                 start_step, executed = num_steps, 0
                 t0 = time.perf_counter()
-                last = self.config.execute_steps - 1
-                for i, action in enumerate(chunk[:last + 1]):
+                for i, action in enumerate(chunk[:horizon]):
                     # Render only the step whose observation becomes the next chunk boundary.
-                    is_boundary = i == last and num_steps + 1 < limit
+                    is_boundary = i == horizon - 1 and num_steps + 1 < limit
                     raw, _, done, _ = env.step(noise(action.astype(np.float64)), render=is_boundary)
                     num_steps += 1
                     executed += 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rsd_ray.config import DecodeConfig, PolicyConfig
+from rsd_ray.config import CHECKPOINT_POLICY_KINDS, DecodeConfig, PolicyConfig
 from rsd_ray.policy.base import ChunkStats, Observation
 from rsd_ray.protocol import ACTION_DIM, CHUNK_STEPS
 from rsd_ray.policy.registry import build_policy
@@ -31,7 +31,7 @@ def resolve_device(requested: str) -> str:
 class PolicyServer:
     def __init__(self, policy_config: PolicyConfig, decode_config: DecodeConfig):
         self.config = policy_config
-        device = resolve_device(policy_config.device) if policy_config.kind in ("rsd", "takeover") else "cpu"
+        device = resolve_device(policy_config.device) if policy_config.kind in CHECKPOINT_POLICY_KINDS else "cpu"
         self.policy = build_policy(policy_config, decode_config, device=device)
         self._queue: asyncio.Queue | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")

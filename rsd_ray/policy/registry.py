@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from rsd_ray.config import DecodeConfig, PolicyConfig
+from rsd_ray.config import CHECKPOINT_POLICY_KINDS, DecodeConfig, PolicyConfig
 from rsd_ray.policy.base import Policy
 
 
@@ -21,7 +21,7 @@ def build_policy(policy: PolicyConfig, decode: DecodeConfig, device: str = "cpu"
     if policy.kind == "expert":
         from rsd_ray.policy.expert import ScriptedExpert
         return ScriptedExpert()
-    if policy.kind in ("rsd", "takeover"):
+    if policy.kind in CHECKPOINT_POLICY_KINDS:
         from rsd_ray.policy.rsd_policy import RSDPolicy
         graph_mode = policy.graph_mode
         if graph_mode == "auto":
