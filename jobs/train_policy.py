@@ -41,6 +41,10 @@ from rsd_ray.decoding.rfsq import RFSQConfig, RFSQTokenizer
 from rsd_ray.policy.configuration_rsd import RSDConfig
 
 STATE_FILE = "train_state.pt"
+# Model fields an --init_from checkpoint may lack (value 0): they add modules whose output starts
+# at zero, so the grown model computes exactly what the checkpoint did; see GROWN_PREFIXES.
+GROWABLE_FIELDS = ("conv_stem_channels",)
+GROWN_PREFIXES = ("vision.stem.",)
 PHASES = ("main", "draft", "done")
 
 
@@ -168,7 +172,8 @@ def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path) -> tuple[A
     if not source.is_dir():
         raise FileNotFoundError(f"train_policy: init_from={str(source)!r} is not a policy checkpoint directory")
     theirs, ours = asdict(read_config(source)), asdict(config.model)
-    differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v}
+    differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v
+              and not (k in GROWABLE_FIELDS and v == 0)}
     if differ:
         raise ValueError(f"train_policy: model config differs from init_from={str(source)!r}: "
                          + ", ".join(f"{k}: ours {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
@@ -339,7 +344,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     torch.manual_seed(config.seed)
     model, draft = RSDModel(config.model), DraftModel(config.model)
     if init is not None:
-        model.load_state_dict(init.model.state_dict())
+        missing, unexpected = model.load_state_dict(init.model.state_dict(), strict=False)
+        not_grown = [k for k in missing if not k.startswith(GROWN_PREFIXES)]
+        if not_grown or unexpected:
+            raise ValueError(f"train_policy: init_from={config.init_from!r} does not fit the model: "
+                             f"missing {not_grown}, unexpected {unexpected}")
         draft.load_state_dict(init.draft.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict[str, Any]] = []
@@ -518,6 +527,8 @@ def _lineage_text(lineage: list[dict[str, Any]]) -> str:
 def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     f = results["final"]
     m = config.model
+    stem = f" + a residual CNN stem of width {m.conv_stem_channels}" if m.conv_stem_channels else ""
+    kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"
     return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
 
 Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted expert
@@ -540,7 +551,7 @@ Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted e
 ## Model
 
 {results['num_parameters']:,} parameters (+ draft {results['num_draft_parameters']:,}): images {m.image_size}x{m.image_size}
-in {m.patch_size}x{m.patch_size} patches, {m.max_instruction_tokens} instruction bytes, Llama backbone
+in {m.patch_size}x{m.patch_size} patches{stem}, {m.max_instruction_tokens} instruction bytes, Llama backbone
 {m.num_hidden_layers} blocks x hidden {m.hidden_size}; RFSQ tokenizer fingerprint `{results['rfsq_fingerprint']}`.
 The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive` or `speculative`.
 
@@ -553,7 +564,7 @@ The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive
 - draft vs main greedy tokens, agreement per layer: {f.get('draft_token_agreement_per_layer')};
   mean exact-accepted prefix (layers) {f.get('draft_exact_prefix_layers_mean')}
 - main phase: {f['step']} of {config.steps} steps (cut by max_minutes at {f.get('main_cut_at_step')}), batch {config.batch_size};
-  weights kept from step {f.get('weights_from_step')} (lowest val CE weighted per layer by {config.layer_weights})
+  weights kept from step {f.get('weights_from_step')} ({kept_because}; CE weighted per layer by {config.layer_weights})
 - wall: main {results['main_s']} s, draft {results['draft_s']} s ({results['threads']} torch thread(s), CPU)
 """
 

@@ -156,6 +156,30 @@ def test_init_from_keeps_tokenizer_proprio_and_weights(sample_run, tmp_path):
         train_policy(train_config(other, tmp_path, "missing", init_from=str(tmp_path / "nope")))
 
 
+def test_init_from_grows_a_conv_stem_that_starts_at_zero(sample_run, tmp_path):
+    """A checkpoint without the CNN stem fine-tunes into a model with one (conv_stem_channels): the
+    grown model predicts exactly what the checkpoint did until the stem learns, and the stem does
+    get gradients (its zero last conv is not a dead end)."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.modeling_rsd import RSDModel
+
+    base = train_policy(train_config(sample_run, tmp_path, "base", steps=5, draft_steps=3))
+    grown_config = tiny_model(conv_stem_channels=8)
+    grown = train_policy(train_config(sample_run, tmp_path, "grown", init_from=base["checkpoint"], steps=2, lr=0.0,
+                                      draft_steps=2, draft_lr=0.0, model=grown_config))
+    a, b = load_policy(base["checkpoint"]), load_policy(grown["checkpoint"])
+    assert b.config.conv_stem_channels == 8 and b.model.vision.stem is not None
+    images = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    assert torch.equal(a.model.vision(images), b.model.vision(images))
+    model = RSDModel(grown_config)
+    model.vision(images).square().sum().backward()
+    assert model.vision.stem[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        tiny_model(conv_stem_channels=8, patch_size=12, image_size=36)
+
+
 def test_teacher_forcing_matches_autoregressive_layout():
     """A random model: feeding its own autoregressive tokens back as the gold tokens, the
     teacher-forced argmax of every layer is those tokens (same positions, mask, embeddings)."""
@@ -231,3 +255,18 @@ def test_collect_demos_config():
         CollectDemosConfig(init_perturbation_m=0.0)
     with pytest.raises(ValueError, match="not a LIBERO suite"):
         CollectDemosConfig(suites=["libero-10"])
+
+
+def test_one_model_flag_keeps_the_other_default_model_values():
+    """`--model.conv_stem_channels=32` changes that field only: the rest of the model stays
+    default_model()'s (draccus alone would rebuild `model` from RSDConfig's class defaults)."""
+    from train_policy import TrainPolicyConfig, default_model
+
+    from jobs.cli import parse_config
+
+    plain = parse_config(TrainPolicyConfig, ["--data=[runs/x]"])
+    grown = parse_config(TrainPolicyConfig, ["--data=[runs/x]", "--model.conv_stem_channels=32",
+                                             "--model.hidden_size=64"])
+    assert plain.model == default_model()
+    assert grown.model == replace(default_model(), conv_stem_channels=32, hidden_size=64)
+    assert grown.model.patch_size == 8 != RSDConfig().patch_size

@@ -21,6 +21,11 @@ class RSDConfig:
     image_size: int = POLICY_IMAGE_SIZE
     patch_size: int = 32
     vision_dim: int = 64
+    # > 0: a residual CNN of this width (3x3 convs, stride 2 down to the patch grid) added to the
+    # patch embedding. A linear patchify sees each patch alone; the stem sees edges across patch
+    # borders, which is what localising a bowl to a centimetre needs. Its last conv starts at zero,
+    # so a checkpoint without it fine-tunes (`train_policy --init_from`) from identical outputs.
+    conv_stem_channels: int = 0
     num_cameras: int = 2                  # third-person + wrist
     # instruction: UTF-8 bytes, padded (and masked) to a fixed length
     max_instruction_tokens: int = 32
@@ -48,6 +53,11 @@ class RSDConfig:
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.conv_stem_channels < 0:
+            raise ValueError(f"conv_stem_channels={self.conv_stem_channels}; expected 0 (no stem) or a width > 0")
+        if self.conv_stem_channels and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"conv_stem_channels={self.conv_stem_channels} needs a power-of-two patch_size "
+                             f"(stride-2 stages down to the patch grid); got patch_size={self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")

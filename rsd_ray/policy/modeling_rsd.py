@@ -55,13 +55,28 @@ def backbone_config(config: RSDConfig) -> LlamaConfig:
     return cfg
 
 
+def conv_stem(config: RSDConfig) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 convs from the image to the patch grid, vision_dim out (RSDModel
+    zero-initialises the last one, see RSDConfig.conv_stem_channels)."""
+    width, stages = config.conv_stem_channels, config.patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    channels = 3
+    for _ in range(stages - 1):
+        groups = 8 if width % 8 == 0 else 1
+        layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.GELU()]
+        channels = width
+    return nn.Sequential(*layers, nn.Conv2d(channels, config.vision_dim, kernel_size=3, stride=2, padding=1))
+
+
 class VisionEncoder(nn.Module):
-    """Patchify conv shared by the cameras + position and camera embeddings + MLP projector."""
+    """Patchify conv shared by the cameras (+ an optional residual CNN stem) + position and camera
+    embeddings + MLP projector."""
 
     def __init__(self, config: RSDConfig):
         super().__init__()
         c = config
         self.patch = nn.Conv2d(3, c.vision_dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.stem = conv_stem(c) if c.conv_stem_channels else None
         self.position = nn.Parameter(torch.zeros(c.num_patches, c.vision_dim))
         self.camera = nn.Parameter(torch.zeros(c.num_cameras, c.vision_dim))
         self.norm = nn.LayerNorm(c.vision_dim)
@@ -71,7 +86,10 @@ class VisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, C, 3, S, S] float in [-1, 1], C cameras -> [B, C * patches, H]
         b, c = images.shape[:2]
-        x = self.patch(images.flatten(0, 1))                         # [B*C, vision_dim, g, g]
+        pixels = images.flatten(0, 1)
+        x = self.patch(pixels)                                        # [B*C, vision_dim, g, g]
+        if self.stem is not None:
+            x = x + self.stem(pixels)
         x = x.flatten(2).transpose(1, 2)                              # [B*C, patches, vision_dim]
         x = x.unflatten(0, (b, c)) + self.position + self.camera[:, None]   # [B, C, patches, vision_dim]
         return self.projector(self.norm(x.flatten(1, 2)))
@@ -108,6 +126,9 @@ class RSDModel(nn.Module):
                 if p.dim() > 1:
                     nn.init.normal_(p, std=std)
         nn.init.normal_(self.vision.position, std=std)
+        if self.vision.stem is not None:
+            nn.init.zeros_(self.vision.stem[-1].weight)
+            nn.init.zeros_(self.vision.stem[-1].bias)
         nn.init.normal_(self.instruction_embed.weight, std=std)
         # `level offsets` turn a [.., D] token into D rows of token_embed
         self.register_buffer("level_offsets", torch.arange(D) * V, persistent=False)
