@@ -43,8 +43,8 @@ from rsd_ray.policy.configuration_rsd import RSDConfig
 STATE_FILE = "train_state.pt"
 # Model fields an --init_from checkpoint may lack (value 0): they add modules whose output starts
 # at zero, so the grown model computes exactly what the checkpoint did; see GROWN_PREFIXES.
-GROWABLE_FIELDS = ("conv_stem_channels",)
-GROWN_PREFIXES = ("vision.stem.",)
+GROWABLE_FIELDS = ("conv_stem_channels", "motion_feedback_dim")
+GROWN_PREFIXES = ("vision.stem.", "feedback_proj.")
 PHASES = ("main", "draft", "done")
 
 
@@ -528,6 +528,9 @@ def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     f = results["final"]
     m = config.model
     stem = f" + a residual CNN stem of width {m.conv_stem_channels}" if m.conv_stem_channels else ""
+    if m.motion_feedback_dim:
+        stem += (", motion feedback (the previous chunk's commanded vs achieved translation, "
+                 "`rsd_ray/policy/motion_feedback.py`) added to the proprio token")
     kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"
     return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
 

@@ -180,6 +180,40 @@ def test_init_from_grows_a_conv_stem_that_starts_at_zero(sample_run, tmp_path):
         tiny_model(conv_stem_channels=8, patch_size=12, image_size=36)
 
 
+def test_init_from_grows_motion_feedback_that_starts_at_zero(sample_run, tmp_path):
+    """--model.motion_feedback_dim=6 on a checkpoint without it: the grown model's prefix equals the
+    checkpoint's whatever the feedback says, training builds the feedback from the samples (chunk
+    0 of each episode zeros, later chunks not), and the feedback MLP gets gradients."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.modeling_rsd import RSDModel, tokenize_instructions
+    from rsd_ray.policy.training import build_demo_tensors, sort_samples
+    from rsd_ray.records.writer import read_samples
+
+    base = train_policy(train_config(sample_run, tmp_path, "base", steps=5, draft_steps=3))
+    grown_config = tiny_model(motion_feedback_dim=6)
+    grown = train_policy(train_config(sample_run, tmp_path, "grown", init_from=base["checkpoint"], steps=2, lr=0.0,
+                                      draft_steps=2, draft_lr=0.0, model=grown_config))
+    a, b = load_policy(base["checkpoint"]), load_policy(grown["checkpoint"])
+    assert b.config.motion_feedback_dim == 6 and b.model.feedback_proj is not None
+    images = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    ids, mask = tokenize_instructions(["a", "b", "c"], 32)
+    proprio, feedback = torch.randn(3, 8), torch.randn(3, 6)
+    with torch.no_grad():
+        ours, _ = b.model.encode_prefix(images, ids, mask, torch.cat([proprio, feedback], dim=1))
+        theirs, _ = a.model.encode_prefix(images, ids, mask, proprio)
+    assert torch.equal(ours, theirs)
+    table = sort_samples(read_samples([sample_run]))
+    demos = build_demo_tensors(table, grown_config, b.tokenizer, b.proprio)
+    first = torch.tensor(table.column("chunk_index").to_pylist()) == 0
+    assert demos.proprio.shape == (table.num_rows, 14)
+    assert not demos.proprio[first, 8:].any() and demos.proprio[~first, 8:].abs().sum(dim=1).gt(0).all()
+    model = RSDModel(grown_config)
+    model.encode_prefix(images, ids, mask, torch.cat([proprio, feedback], dim=1))[0].square().sum().backward()
+    assert model.feedback_proj[-1].weight.grad.abs().sum() > 0
+
+
 def test_teacher_forcing_matches_autoregressive_layout():
     """A random model: feeding its own autoregressive tokens back as the gold tokens, the
     teacher-forced argmax of every layer is those tokens (same positions, mask, embeddings)."""

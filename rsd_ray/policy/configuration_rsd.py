@@ -12,6 +12,8 @@ from typing import Any
 from rsd_ray.protocol import (ACTION_DIM, CHUNK_STEPS, LATENT_DIM, NUM_LEVELS, NUM_RFSQ_LAYERS,
                               POLICY_IMAGE_SIZE, PROPRIO_DIM)
 
+from rsd_ray.policy.motion_feedback import MOTION_FEEDBACK_DIM
+
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -30,6 +32,11 @@ class RSDConfig:
     # instruction: UTF-8 bytes, padded (and masked) to a fixed length
     max_instruction_tokens: int = 32
     proprio_dim: int = PROPRIO_DIM
+    # 0 or MOTION_FEEDBACK_DIM (6): the previous chunk's commanded translation and the displacement
+    # it achieved (rsd_ray/policy/motion_feedback.py), added to the proprio token by a small MLP
+    # whose last layer starts at zero (so a checkpoint without it fine-tunes from identical outputs).
+    # The policy keeps one chunk of memory per episode to compute it.
+    motion_feedback_dim: int = 0
     # Llama-family backbone
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -58,6 +65,8 @@ class RSDConfig:
         if self.conv_stem_channels and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"conv_stem_channels={self.conv_stem_channels} needs a power-of-two patch_size "
                              f"(stride-2 stages down to the patch grid); got patch_size={self.patch_size}")
+        if self.motion_feedback_dim not in (0, MOTION_FEEDBACK_DIM):
+            raise ValueError(f"motion_feedback_dim={self.motion_feedback_dim}; expected 0 (off) or {MOTION_FEEDBACK_DIM}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
@@ -77,6 +86,11 @@ class RSDConfig:
     def prefix_length(self) -> int:
         """P: image patches of every camera, one proprio token, the padded instruction."""
         return self.num_cameras * self.num_patches + 1 + self.max_instruction_tokens
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the state vector the model reads: normalised proprio, then motion feedback."""
+        return self.proprio_dim + self.motion_feedback_dim
 
     @property
     def chunk_length(self) -> int:

@@ -113,6 +113,8 @@ class RSDModel(nn.Module):
         self.vision = VisionEncoder(c)
         self.instruction_embed = nn.Embedding(NUM_BYTE_IDS, H)
         self.proprio_proj = nn.Sequential(nn.Linear(c.proprio_dim, H), nn.GELU(), nn.Linear(H, H))
+        self.feedback_proj = (nn.Sequential(nn.Linear(c.motion_feedback_dim, H), nn.GELU(), nn.Linear(H, H))
+                              if c.motion_feedback_dim else None)
         self.backbone = backbone if backbone is not None else LlamaModel(backbone_config(c))
         std = c.initializer_range
         self.start_block = nn.Parameter(torch.randn(T, H) * std)         # block 0 input
@@ -129,6 +131,10 @@ class RSDModel(nn.Module):
         if self.vision.stem is not None:
             nn.init.zeros_(self.vision.stem[-1].weight)
             nn.init.zeros_(self.vision.stem[-1].bias)
+        if self.feedback_proj is not None:
+            nn.init.normal_(self.feedback_proj[0].weight, std=std)
+            nn.init.zeros_(self.feedback_proj[-1].weight)
+            nn.init.zeros_(self.feedback_proj[-1].bias)
         nn.init.normal_(self.instruction_embed.weight, std=std)
         # `level offsets` turn a [.., D] token into D rows of token_embed
         self.register_buffer("level_offsets", torch.arange(D) * V, persistent=False)
@@ -136,8 +142,9 @@ class RSDModel(nn.Module):
     # ---- prefix -------------------------------------------------------------------------
     def encode_prefix(self, images: torch.Tensor, instruction_ids: torch.Tensor,
                       instruction_mask: torch.Tensor, proprio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, C, 3, S, S] float in [-1, 1]; instruction_ids/mask [B, N]; proprio [B, 8]
-        (normalised). Returns prefix_embeds [B, P, H] and prefix_mask [B, P] bool."""
+        """images [B, C, 3, S, S] float in [-1, 1]; instruction_ids/mask [B, N]; proprio [B, state_dim]:
+        the normalised proprio [8], then the motion feedback when the config has it. Returns
+        prefix_embeds [B, P, H] and prefix_mask [B, P] bool."""
         c = self.config
         B = images.shape[0]
         expected = (c.num_cameras, 3, c.image_size, c.image_size)
@@ -146,10 +153,14 @@ class RSDModel(nn.Module):
         if instruction_ids.shape != (B, c.max_instruction_tokens):
             raise ValueError(f"instruction_ids have shape {tuple(instruction_ids.shape)}; "
                              f"expected [B, N] = [{B}, {c.max_instruction_tokens}]")
-        if proprio.shape != (B, c.proprio_dim):
-            raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected [B, {c.proprio_dim}]")
+        if proprio.shape != (B, c.state_dim):
+            raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected [B, {c.state_dim}] (proprio "
+                             f"{c.proprio_dim} + motion feedback {c.motion_feedback_dim})")
         patches = self.vision(images)                                   # [B, C*patches, H]
-        state = self.proprio_proj(proprio)[:, None]                     # [B, 1, H]
+        state = self.proprio_proj(proprio[:, :c.proprio_dim].contiguous())
+        if self.feedback_proj is not None:
+            state = state + self.feedback_proj(proprio[:, c.proprio_dim:])
+        state = state[:, None]                                          # [B, 1, H]
         words = self.instruction_embed(instruction_ids)                 # [B, N, H]
         embeds = torch.cat([patches, state, words], dim=1)
         mask = torch.cat([torch.ones(B, patches.shape[1] + 1, dtype=torch.bool, device=embeds.device),

@@ -22,6 +22,7 @@ from rsd_ray.policy.checkpoint import LoadedPolicy, ProprioStats, load_policy
 from rsd_ray.policy.configuration_rsd import RSDConfig
 from rsd_ray.policy.draft import DraftModel
 from rsd_ray.policy.modeling_rsd import RSDModel, preprocess_images, tokenize_instructions
+from rsd_ray.policy.motion_feedback import motion_feedback
 
 PROCESSOR = ("rsd_ray.rsd/1: images uint8->[-1,1] (bilinear-antialias resize to image_size if needed); "
              "instruction utf-8 bytes padded+masked; proprio bounds_q99 clipped; actions RFSQ decode (raw units)")
@@ -40,6 +41,9 @@ class RSDPolicy(Policy):
         self.acceptance = self.settings.acceptance if self.settings.mode == "speculative" else "none"
         self.lossless = self.engine.rule.lossless or self.settings.mode != "speculative"
         self.checkpoint_hash = checkpoint_hash
+        # episode_key -> (chunk_index, eef position, chunk) of the episode's last chunk: the memory
+        # motion feedback needs (config.motion_feedback_dim > 0); dropped by end_episode.
+        self._last_chunk: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, decode_config: Any = None, device: str = "cpu",
@@ -67,7 +71,8 @@ class RSDPolicy(Policy):
         return self.model.head.weight.device
 
     def preprocess(self, observations: list[Observation]) -> tuple[torch.Tensor, ...]:
-        """-> images [B, C, 3, S, S], instruction ids/mask [B, N], proprio [B, 8] (normalised)."""
+        """-> images [B, C, 3, S, S], instruction ids/mask [B, N], state [B, state_dim] (normalised
+        proprio, then the motion feedback from this policy's memory of each episode's last chunk)."""
         c = self.config
         frames = []
         for i, obs in enumerate(observations):
@@ -87,6 +92,9 @@ class RSDPolicy(Policy):
                                  f"expected {c.proprio_dim}")
             proprio.append(torch.from_numpy(p))
         proprio_t = self.proprio.normalize(torch.stack(proprio))
+        if c.motion_feedback_dim:
+            proprio_t = torch.cat([proprio_t, torch.from_numpy(np.stack(
+                [self._motion_feedback(obs) for obs in observations]))], dim=1)
         dev, dt = self.device, self.model.head.weight.dtype
         return images.to(dev, dt), ids.to(dev), mask.to(dev), proprio_t.to(dev, dt)
 
@@ -107,6 +115,9 @@ class RSDPolicy(Policy):
             torch.cuda.synchronize(self.device)
         decode_ms = (time.perf_counter() - t0) * 1e3
         chunks_np = check_chunks(chunks.float().cpu().numpy(), B)
+        if self.config.motion_feedback_dim:
+            for obs, chunk in zip(observations, chunks_np):
+                self._last_chunk[obs.episode_key] = (obs.chunk_index, np.asarray(obs.proprio)[:3].copy(), chunk)
         policy_ms = (time.perf_counter() - start) * 1e3
         stats = [ChunkStats(policy_ms=policy_ms, draft_ms=result.counter("draft_ms", i),
                             verify_ms=result.counter("verify_ms", i), step_ms=result.counter("step_ms", i),
@@ -114,6 +125,17 @@ class RSDPolicy(Policy):
                             num_main_passes=int(result.counter("num_main_passes", i)), batch_size=B)
                  for i in range(B)]
         return PolicyOutput(chunks_np, stats)
+
+    def _motion_feedback(self, obs: Observation) -> np.ndarray:
+        """From this episode's previous chunk; zeros at its first chunk (and after a retry restarts
+        it at chunk 0, so an earlier attempt's memory is never used)."""
+        last = self._last_chunk.get(obs.episode_key)
+        if last is None or last[0] != obs.chunk_index - 1:
+            return motion_feedback(None, None, obs.proprio)
+        return motion_feedback(last[2], last[1], np.asarray(obs.proprio))
+
+    def end_episode(self, episode_key: str) -> None:
+        self._last_chunk.pop(episode_key, None)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

@@ -86,7 +86,8 @@ class DemoTensors:
     images: torch.Tensor            # [N, C, 3, S, S] float32 in [-1, 1], already resized to S
     instruction_ids: torch.Tensor   # [N, N_instr] long
     instruction_mask: torch.Tensor  # [N, N_instr] bool
-    proprio: torch.Tensor           # [N, 8] float32, normalised with the checkpoint's ProprioStats
+    proprio: torch.Tensor           # [N, state_dim] float32: proprio normalised with the checkpoint's
+                                    # ProprioStats, then the motion feedback when the config has it
     tokens: torch.Tensor            # [N, T, D, L] int64 in [0, V): RFSQ tokens of the action chunks
     episode_keys: list[str]
 
@@ -100,7 +101,7 @@ class DemoTensors:
 
     def batch(self, index: torch.Tensor, shift_px: int = 0, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, ...]:
-        """-> images [B, C, 3, S, S], ids [B, N_instr], mask [B, N_instr], proprio [B, 8], tokens [B, T, D, L].
+        """-> images [B, C, 3, S, S], ids [B, N_instr], mask [B, N_instr], proprio [B, state_dim], tokens [B, T, D, L].
         shift_px > 0: each image translated by a random whole number of pixels in [-shift_px, shift_px]
         (edge-replicated), a cheap augmentation against overfitting a few hundred demonstrations."""
         images = self.images[index]
@@ -123,7 +124,8 @@ def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStat
                        batch_size: int = 64) -> DemoTensors:
     """Decode every row of a SAMPLE_SCHEMA table: PNGs -> resized images (the same
     `preprocess_images` RSDPolicy runs at evaluation), instruction -> byte ids, proprio ->
-    normalised, action chunk -> RFSQ tokens."""
+    normalised (+ motion feedback from the episode's previous sample, when the config has it),
+    action chunk -> RFSQ tokens."""
     n = table.num_rows
     if n == 0:
         raise ValueError("no training samples: the samples table is empty (were the episodes successful, and "
@@ -136,11 +138,18 @@ def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStat
         images.append(preprocess_images(frames, config.image_size).unflatten(0, (-1, config.num_cameras)))
     instructions = table.column("instruction").to_pylist()
     ids, mask = tokenize_instructions(instructions, config.max_instruction_tokens)
-    raw_proprio = torch.tensor(np.asarray(table.column("proprio").to_pylist(), dtype=np.float32))
+    raw_proprio = np.asarray(table.column("proprio").to_pylist(), dtype=np.float32)
+    chunks = action_chunks(table)
+    state = proprio.normalize(torch.from_numpy(raw_proprio))
+    episode_keys = table.column("episode_key").to_pylist()
+    if config.motion_feedback_dim:
+        from rsd_ray.policy.motion_feedback import feedback_for_samples
+        episode_ids = list(zip(table.column("run_id").to_pylist(), episode_keys))
+        feedback = feedback_for_samples(episode_ids, table.column("chunk_index").to_pylist(), raw_proprio, chunks)
+        state = torch.cat([state, torch.from_numpy(feedback)], dim=1)
     with torch.no_grad():
-        tokens = tokenizer.encode(torch.from_numpy(action_chunks(table)).to(tokenizer.device)).cpu()
-    return DemoTensors(torch.cat(images), ids, mask, proprio.normalize(raw_proprio), tokens,
-                       table.column("episode_key").to_pylist())
+        tokens = tokenizer.encode(torch.from_numpy(chunks).to(tokenizer.device)).cpu()
+    return DemoTensors(torch.cat(images), ids, mask, state, tokens, episode_keys)
 
 
 def check_instructions(instructions: Iterable[str], max_tokens: int) -> None:
