@@ -45,6 +45,11 @@ STATE_FILE = "train_state.pt"
 # at zero, so the grown model computes exactly what the checkpoint did; see GROWN_PREFIXES.
 GROWABLE_FIELDS = ("conv_stem_channels", "motion_feedback_dim")
 GROWN_PREFIXES = ("vision.stem.", "feedback_proj.")
+# Pooling the instruction (instruction_pool_tokens > 0) onto a checkpoint that read it byte by
+# byte *replaces* its byte embedding by a fresh InstructionPooler: everything else (vision,
+# proprio, blocks, backbone, head, draft) carries over, but the start is not the checkpoint's
+# outputs, since the backbone's instruction positions now hold other vectors.
+REPLACED_FIELD, REPLACED_PREFIX, DROPPED_KEYS = "instruction_pool_tokens", "instruction_pool.", ("instruction_embed.weight",)
 PHASES = ("main", "draft", "done")
 
 
@@ -84,6 +89,10 @@ class TrainPolicyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     shift_px: int = 3                # random image translation (augmentation); 0 = off
+    # > 0: validate, select and ship an exponential moving average of the weights (this decay per
+    # step) instead of the raw ones. Closed-loop success of raw weights swung 41-56 / 100 between
+    # checkpoints of equal val CE; an average over the last ~1/(1-decay) steps is the usual cure.
+    ema_decay: float = 0.0
     # Cross-entropy weight per RFSQ layer. The coarse layers carry the motion; the fine ones
     # refine it by < 1e-3 of the action range, are close to noise on a few hundred demos, and
     # with equal weights the model spends its capacity memorising them (val CE rising while
@@ -124,6 +133,8 @@ class TrainPolicyConfig:
                                                or min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0):
             raise ValueError(f"train_policy: layer_weights={self.layer_weights}; expected "
                              f"{self.model.num_rfsq_layers} non-negative weights, not all zero")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train_policy: ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1)")
         if self.draft_steps < 0:
             raise ValueError(f"train_policy: draft_steps={self.draft_steps}; expected >= 0")
         rf, m = self.rfsq, self.model
@@ -144,6 +155,17 @@ class TrainPolicyConfig:
     @property
     def resolved_results_prefix(self) -> str:
         return self.results_prefix or f"bench/results/train_policy_{Path(self.out_dir).name}"
+
+
+def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel as an exponential moving average whose decay ramps up as
+    min(decay, (1 + n) / (10 + n)) over the first updates n, so a run from scratch does not
+    carry its random initial weights for ~1/(1 - decay) steps."""
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, weight)
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -173,7 +195,7 @@ def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path) -> tuple[A
         raise FileNotFoundError(f"train_policy: init_from={str(source)!r} is not a policy checkpoint directory")
     theirs, ours = asdict(read_config(source)), asdict(config.model)
     differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v
-              and not (k in GROWABLE_FIELDS and v == 0)}
+              and not (k in GROWABLE_FIELDS + (REPLACED_FIELD,) and v == 0)}
     if differ:
         raise ValueError(f"train_policy: model config differs from init_from={str(source)!r}: "
                          + ", ".join(f"{k}: ours {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
@@ -345,12 +367,20 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     model, draft = RSDModel(config.model), DraftModel(config.model)
     if init is not None:
         missing, unexpected = model.load_state_dict(init.model.state_dict(), strict=False)
-        not_grown = [k for k in missing if not k.startswith(GROWN_PREFIXES)]
+        pooled_now = config.model.instruction_pool_tokens and not init.config.instruction_pool_tokens
+        grown = GROWN_PREFIXES + ((REPLACED_PREFIX,) if pooled_now else ())
+        not_grown = [k for k in missing if not k.startswith(grown)]
+        unexpected = [k for k in unexpected if not (pooled_now and k in DROPPED_KEYS)]
+        if pooled_now:
+            print("[train_policy] the instruction is pooled now: a fresh InstructionPooler replaces the checkpoint's "
+                  "byte embedding; every other weight is the checkpoint's")
         if not_grown or unexpected:
             raise ValueError(f"train_policy: init_from={config.init_from!r} does not fit the model: "
                              f"missing {not_grown}, unexpected {unexpected}")
         draft.load_state_dict(init.draft.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
+    scored = model if ema is None else ema.module     # the weights validated, selected and shipped
     history: list[dict[str, Any]] = []
     draft_history: list[dict[str, Any]] = []
     step, phase, main_s = 0, "main", 0.0
@@ -360,6 +390,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         model.load_state_dict(state["model"])
         draft.load_state_dict(state["draft"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"train_policy --resume: {state_path} was saved without ema_decay; resume with "
+                                 f"the same --ema_decay as the run that wrote it")
+            ema.load_state_dict(state["ema"])
         step, phase, history, draft_history = state["step"], state["phase"], state["history"], state["draft_history"]
         main_s = state.get("main_s", 0.0)
         best = state.get("best")
@@ -367,6 +402,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
 
     def snapshot(draft_optimizer=None, draft_step: int = 0) -> dict[str, Any]:
         return {"model": model.state_dict(), "draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "draft_optimizer": draft_optimizer.state_dict() if draft_optimizer is not None else None,
                 "draft_step": draft_step, "step": step, "phase": phase, "history": history,
                 "draft_history": draft_history, "data_fingerprint": fingerprint, "main_s": main_s, "best": best,
@@ -393,6 +429,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             row: dict[str, Any] = {"step": step + 1, "train_ce": round(float(ce.detach().mean()), 5),
                                    "train_loss": round(float(loss.detach()), 5),
                                    "train_ce_layer0": round(float(ce[0].detach()), 5)}
@@ -401,12 +439,12 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             out_of_time = config.max_minutes is not None and main_s > 60 * config.max_minutes
             if done % config.eval_every == 0 or done == config.steps or out_of_time:
                 if len(val_idx):
-                    ev = evaluate_tokens(model, demos, val_idx)
+                    ev = evaluate_tokens(scored, demos, val_idx)
                     row.update(val_ce=ev["ce"], val_ce_per_layer=ev["ce_per_layer"], val_acc_per_layer=ev["acc_per_layer"])
                     row["val_loss"] = float((torch.tensor(ev["ce_per_layer"]) * weights).sum())
                     if config.keep_best and (best is None or row["val_loss"] < best["val_loss"]):
                         best = {"step": done, "val_loss": row["val_loss"],
-                                "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                                "model": {k: v.detach().clone() for k, v in scored.state_dict().items()}}
                 row["wall_s"] = round(main_s, 1)
             history.append(row)
             bar.set_postfix(ce=f"{row['train_ce']:.3f}", ce0=f"{row['train_ce_layer0']:.3f}", val=f"{row.get('val_ce', float('nan')):.3f}")
@@ -424,8 +462,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         if not stopped_early:
             if best is not None:
                 model.load_state_dict(best["model"])
-                print(f"[train_policy] main phase ends with the weights of step {best['step']} "
-                      f"(weighted val CE {best['val_loss']:.4f}, the lowest)")
+                print(f"[train_policy] main phase ends with the {'EMA ' if ema is not None else ''}weights of "
+                      f"step {best['step']} (weighted val CE {best['val_loss']:.4f}, the lowest)")
+            elif ema is not None:
+                model.load_state_dict(ema.module.state_dict())
+                print(f"[train_policy] main phase ends with the EMA weights (decay {config.ema_decay})")
             phase = "draft"
             _save_state(state_path, snapshot())
 
@@ -531,7 +572,11 @@ def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     if m.motion_feedback_dim:
         stem += (", motion feedback (the previous chunk's commanded vs achieved translation, "
                  "`rsd_ray/policy/motion_feedback.py`) added to the proprio token")
+    instruction = (f"{m.max_instruction_tokens} instruction bytes pooled into {m.instruction_pool_tokens} positions"
+                   if m.instruction_pool_tokens else f"{m.max_instruction_tokens} instruction bytes")
     kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"
+    if config.ema_decay:
+        kept_because = f"an exponential moving average of the weights, decay {config.ema_decay}; " + kept_because
     return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
 
 Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted expert
@@ -554,7 +599,7 @@ Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted e
 ## Model
 
 {results['num_parameters']:,} parameters (+ draft {results['num_draft_parameters']:,}): images {m.image_size}x{m.image_size}
-in {m.patch_size}x{m.patch_size} patches{stem}, {m.max_instruction_tokens} instruction bytes, Llama backbone
+in {m.patch_size}x{m.patch_size} patches{stem}, {instruction}, Llama backbone
 {m.num_hidden_layers} blocks x hidden {m.hidden_size}; RFSQ tokenizer fingerprint `{results['rfsq_fingerprint']}`.
 The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive` or `speculative`.
 

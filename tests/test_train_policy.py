@@ -304,3 +304,102 @@ def test_one_model_flag_keeps_the_other_default_model_values():
     assert plain.model == default_model()
     assert grown.model == replace(default_model(), conv_stem_channels=32, hidden_size=64)
     assert grown.model.patch_size == 8 != RSDConfig().patch_size
+
+
+def test_ema_weights_are_validated_shipped_and_resumed(sample_run, tmp_path):
+    """--ema_decay: the checkpoint carries the moving average (not the last raw weights), the
+    validation rows score the average, and a resumed run reproduces the uninterrupted average."""
+    from train_policy import STATE_FILE, ema_model, train_policy
+
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.modeling_rsd import RSDModel
+
+    full = train_policy(train_config(sample_run, tmp_path, "ema", ema_decay=0.9, keep_best=False, draft_steps=2))
+    state = torch.load(tmp_path / "ema" / "work" / STATE_FILE, weights_only=False)
+    shipped = load_policy(full["checkpoint"]).model.state_dict()
+    assert state["ema"] is not None
+    # the same run without the average ships other weights: the raw ones
+    plain = train_policy(train_config(sample_run, tmp_path, "plain", keep_best=False, draft_steps=2))
+    raw = load_policy(plain["checkpoint"]).model.state_dict()
+    assert any(not torch.equal(raw[k], shipped[k]) for k in shipped)
+    assert [h["train_ce"] for h in plain["history"]] == [h["train_ce"] for h in full["history"]]
+    averaged = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    moved = [k for k in shipped if k in averaged and not torch.equal(shipped[k], averaged[k])]
+    assert not moved, moved
+    assert "exponential moving average" in (Path(full["checkpoint"]) / "README.md").read_text()
+
+    # the same run stopped after one step and resumed ends with the same averaged weights
+    part = train_config(sample_run, tmp_path, "ema_resumed", ema_decay=0.9, keep_best=False, draft_steps=2,
+                        max_minutes=0.0, on_max_minutes="stop")
+    train_policy(part)
+    resumed = train_policy(replace(part, max_minutes=None, resume=True))
+    again = load_policy(resumed["checkpoint"]).model.state_dict()
+    for k, v in shipped.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_config(sample_run, tmp_path, "bad", ema_decay=1.0)
+
+    # the decay ramps up: after the first update the average is the model, then it lags behind it
+    torch.manual_seed(0)
+    model = RSDModel(tiny_model())
+    ema = ema_model(model, 0.99)
+    ema.update_parameters(model)
+    assert torch.equal(ema.module.head.weight, model.head.weight)
+    start = model.head.weight.detach().clone()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    ema.update_parameters(model)
+    # second update: weight 1 - min(0.99, 2/11) of the new value
+    torch.testing.assert_close(ema.module.head.weight, start + (1 - 2 / 11))
+
+
+def test_pooled_instruction_prefix(sample_run, tmp_path):
+    """instruction_pool_tokens=k: the prefix holds k instruction positions (all attended), the
+    pooled tokens depend on the bytes and their order but not on the padding, speculative exact
+    equals autoregressive on such a model, and a checkpoint of one trains, saves and loads."""
+    from train_policy import train_policy
+
+    from rsd_ray.decoding.modes import DecodeEngine, DecodeSettings
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.draft import DraftModel
+    from rsd_ray.policy.modeling_rsd import RSDModel, tokenize_instructions
+
+    config = tiny_model(instruction_pool_tokens=2, initializer_range=0.2)
+    assert config.prefix_length == 2 * 4 + 1 + 2
+    torch.manual_seed(0)
+    model, draft = RSDModel(config).eval(), DraftModel(config).eval()
+    assert model.instruction_embed is None
+    texts = ["put the bowl on the plate", "put the plate on the bowl", "put the bowl on the plate", ""]
+    ids, mask = tokenize_instructions(texts, config.max_instruction_tokens)
+    ids[2, mask[2].sum():] = 99           # garbage behind the mask changes nothing
+    images = (torch.rand(1, 2, 3, 32, 32) * 2 - 1).expand(4, -1, -1, -1, -1)
+    proprio = torch.zeros(4, 8)
+    with torch.no_grad():
+        prefix, pmask = model.encode_prefix(images, ids, mask, proprio)
+        assert prefix.shape == (4, config.prefix_length, 32) and pmask.all()
+        words = prefix[:, -2:]
+        assert not torch.allclose(words[0], words[1])          # order matters
+        torch.testing.assert_close(words[0], words[2])
+        assert torch.isfinite(words[3]).all()                  # an empty instruction
+        ar = DecodeEngine(model, None, DecodeSettings(mode="autoregressive", num_slots=4)).run(prefix, pmask).tokens
+        sp = DecodeEngine(model, draft, DecodeSettings(mode="speculative", num_slots=4, draft_layers=3)
+                          ).run(prefix, pmask).tokens
+    assert torch.equal(ar, sp)
+
+    trained = train_policy(train_config(sample_run, tmp_path, "pooled", model=tiny_model(instruction_pool_tokens=2),
+                                        steps=5, draft_steps=2))
+    loaded = load_policy(trained["checkpoint"])
+    assert loaded.config.instruction_pool_tokens == 2 and loaded.model.instruction_pool is not None
+    # --init_from a checkpoint that reads bytes: the pooler replaces its byte embedding, and with lr 0
+    # every other weight is the checkpoint's
+    base = train_policy(train_config(sample_run, tmp_path, "bytes", steps=3, draft_steps=2))
+    moved = train_policy(train_config(sample_run, tmp_path, "bytes_pooled", init_from=base["checkpoint"], steps=2,
+                                      lr=0.0, draft_steps=2, draft_lr=0.0, model=tiny_model(instruction_pool_tokens=2)))
+    a, b = load_policy(base["checkpoint"]).model.state_dict(), load_policy(moved["checkpoint"]).model.state_dict()
+    assert "instruction_embed.weight" in a and "instruction_embed.weight" not in b
+    assert any(k.startswith("instruction_pool.") for k in b)
+    for k, v in a.items():
+        if k != "instruction_embed.weight":
+            assert torch.equal(v, b[k]), k
+    with pytest.raises(ValueError, match="instruction_pool_tokens=-1"):
+        tiny_model(instruction_pool_tokens=-1)

@@ -31,6 +31,11 @@ class RSDConfig:
     num_cameras: int = 2                  # third-person + wrist
     # instruction: UTF-8 bytes, padded (and masked) to a fixed length
     max_instruction_tokens: int = 32
+    # 0: every byte is a prefix position (max_instruction_tokens of them). k > 0: the bytes are
+    # pooled into k positions by learned queries (InstructionPooler). A LIBERO instruction names
+    # its task in a few words, and on a CPU each of the 64 byte positions costs as much backbone
+    # time as an image patch: pooling to 2 makes a training step ~35 % cheaper.
+    instruction_pool_tokens: int = 0
     proprio_dim: int = PROPRIO_DIM
     # 0 or MOTION_FEEDBACK_DIM (6): the previous chunk's commanded translation and the displacement
     # it achieved (rsd_ray/policy/motion_feedback.py), added to the proprio token by a small MLP
@@ -65,6 +70,9 @@ class RSDConfig:
         if self.conv_stem_channels and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"conv_stem_channels={self.conv_stem_channels} needs a power-of-two patch_size "
                              f"(stride-2 stages down to the patch grid); got patch_size={self.patch_size}")
+        if self.instruction_pool_tokens < 0:
+            raise ValueError(f"instruction_pool_tokens={self.instruction_pool_tokens}; expected 0 (one position per "
+                             f"byte) or k > 0 pooled positions")
         if self.motion_feedback_dim not in (0, MOTION_FEEDBACK_DIM):
             raise ValueError(f"motion_feedback_dim={self.motion_feedback_dim}; expected 0 (off) or {MOTION_FEEDBACK_DIM}")
         if self.hidden_size % self.num_attention_heads:
@@ -83,9 +91,14 @@ class RSDConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def instruction_length(self) -> int:
+        """Prefix positions of the instruction: its padded bytes, or the pooled tokens."""
+        return self.instruction_pool_tokens or self.max_instruction_tokens
+
+    @property
     def prefix_length(self) -> int:
-        """P: image patches of every camera, one proprio token, the padded instruction."""
-        return self.num_cameras * self.num_patches + 1 + self.max_instruction_tokens
+        """P: image patches of every camera, one proprio token, the instruction."""
+        return self.num_cameras * self.num_patches + 1 + self.instruction_length
 
     @property
     def state_dim(self) -> int:

@@ -2,7 +2,7 @@
 
 Sequence of one chunk (P prefix positions, then L blocks of T positions):
 
-    [camera-0 patches | camera-1 patches | proprio | instruction bytes (padded, masked)]
+    [camera-0 patches | camera-1 patches | proprio | instruction bytes (padded, masked) or k pooled tokens]
     [block 0: start embedding] [block 1: embed(layer-0 tokens)] ... [block L-1: embed(layer L-2)]
 
 The output at block l gives logits [T, D, V] for RFSQ layer l, conditioned on the prefix and
@@ -95,6 +95,33 @@ class VisionEncoder(nn.Module):
         return self.projector(self.norm(x.flatten(1, 2)))
 
 
+class InstructionPooler(nn.Module):
+    """Instruction bytes [B, N] -> k prefix positions [B, k, H]: byte + position embeddings, a
+    residual MLP, then k learned queries, each a masked softmax over the bytes
+    (RSDConfig.instruction_pool_tokens). Position embeddings keep word order, which a bag of
+    bytes would lose ("bowl next to the plate" against "plate next to the bowl")."""
+
+    def __init__(self, config: RSDConfig):
+        super().__init__()
+        H, N, k = config.hidden_size, config.max_instruction_tokens, config.instruction_pool_tokens
+        std = config.initializer_range
+        self.byte = nn.Embedding(NUM_BYTE_IDS, H)
+        self.position = nn.Parameter(torch.randn(N, H) * std)
+        self.mix = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
+        self.queries = nn.Parameter(torch.randn(k, H) * std)
+        self.out = nn.LayerNorm(H)
+        nn.init.normal_(self.byte.weight, std=std)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.byte(ids) + self.position                                   # [B, N, H]
+        x = x + self.mix(x)
+        scores = torch.einsum("kh,bnh->bkn", self.queries, x) / x.shape[-1] ** 0.5
+        # an empty instruction (all padding) pools to zeros instead of NaN
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+        return self.out(torch.einsum("bkn,bnh->bkh", weights, x))
+
+
 class RSDModel(nn.Module):
     """Prefix encoder, backbone and block embeddings/head. See the module docstring for layout."""
 
@@ -111,7 +138,9 @@ class RSDModel(nn.Module):
         c = self.config = config
         H, T, D, V, L = c.hidden_size, c.chunk_steps, c.latent_dim, c.num_levels, c.num_rfsq_layers
         self.vision = VisionEncoder(c)
-        self.instruction_embed = nn.Embedding(NUM_BYTE_IDS, H)
+        # one of the two: per-byte prefix positions, or k pooled ones
+        self.instruction_embed = nn.Embedding(NUM_BYTE_IDS, H) if not c.instruction_pool_tokens else None
+        self.instruction_pool = InstructionPooler(c) if c.instruction_pool_tokens else None
         self.proprio_proj = nn.Sequential(nn.Linear(c.proprio_dim, H), nn.GELU(), nn.Linear(H, H))
         self.feedback_proj = (nn.Sequential(nn.Linear(c.motion_feedback_dim, H), nn.GELU(), nn.Linear(H, H))
                               if c.motion_feedback_dim else None)
@@ -135,7 +164,8 @@ class RSDModel(nn.Module):
             nn.init.normal_(self.feedback_proj[0].weight, std=std)
             nn.init.zeros_(self.feedback_proj[-1].weight)
             nn.init.zeros_(self.feedback_proj[-1].bias)
-        nn.init.normal_(self.instruction_embed.weight, std=std)
+        if self.instruction_embed is not None:
+            nn.init.normal_(self.instruction_embed.weight, std=std)
         # `level offsets` turn a [.., D] token into D rows of token_embed
         self.register_buffer("level_offsets", torch.arange(D) * V, persistent=False)
 
@@ -161,10 +191,15 @@ class RSDModel(nn.Module):
         if self.feedback_proj is not None:
             state = state + self.feedback_proj(proprio[:, c.proprio_dim:])
         state = state[:, None]                                          # [B, 1, H]
-        words = self.instruction_embed(instruction_ids)                 # [B, N, H]
+        instruction_mask = instruction_mask.to(patches.device)
+        if self.instruction_pool is not None:
+            words = self.instruction_pool(instruction_ids, instruction_mask)   # [B, k, H]
+            words_mask = torch.ones(B, words.shape[1], dtype=torch.bool, device=patches.device)
+        else:
+            words, words_mask = self.instruction_embed(instruction_ids), instruction_mask   # [B, N, H]
         embeds = torch.cat([patches, state, words], dim=1)
         mask = torch.cat([torch.ones(B, patches.shape[1] + 1, dtype=torch.bool, device=embeds.device),
-                          instruction_mask.to(embeds.device)], dim=1)
+                          words_mask], dim=1)
         return embeds, mask
 
     # ---- blocks -------------------------------------------------------------------------
