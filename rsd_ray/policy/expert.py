@@ -70,6 +70,15 @@ class ExpertConfig:
     # Tolerances and timings (steps).
     arrive_xy_m: float = 0.01
     arrive_z_m: float = 0.007
+    # Expanding grasps (closed fingers into the bowl, then open) end the descent on a looser
+    # arrival: any point with the fingertips well inside the bowl holds. Where the arm settles
+    # short, the tight tolerance made the expert wait chunks for its integral term, a wait one
+    # frame cannot show, so an imitator parked there pressing gently, forever (task 9, 0 %).
+    # Measured on libero_spatial init states 0-49 (bench/results/expert_libero_spatial_expand_
+    # tasks4_9_50trials_cpu.json): tasks 4 / 9 succeed 49/50 / 50/50 (tight: 50/50 / 49/50), in a
+    # median 120 / 133 steps; on init states 0-19 the tight values took 138 / 133.
+    expand_arrive_xy_m: float = 0.025
+    expand_arrive_z_m: float = 0.02
     close_steps: int = 12
     open_steps: int = 8
     retreat_m: float = 0.10
@@ -409,7 +418,10 @@ class ScriptedExpert(Policy):
         if ep.phase == "descend":
             err = plan.grasp - eef
             touching = bool(state.get("gripper_contact", True))
-            if np.linalg.norm(err[:2]) < cfg.arrive_xy_m and abs(err[2]) < cfg.arrive_z_m:
+            expanding = plan.hold == OPEN
+            arrive_xy = cfg.expand_arrive_xy_m if expanding else cfg.arrive_xy_m
+            arrive_z = cfg.expand_arrive_z_m if expanding else cfg.arrive_z_m
+            if np.linalg.norm(err[:2]) < arrive_xy and abs(err[2]) < arrive_z:
                 self._set_phase(ep, "grasp")
             elif (stalled and touching) or ep.phase_steps >= cfg.descend_cap_steps:
                 # Something (a wall, a drawer edge) stops the fingers: grasp from here.
