@@ -65,6 +65,9 @@ def default_model() -> RSDConfig:
 @dataclass
 class TrainPolicyConfig:
     data: list[str] = field(default_factory=list)    # run directories with samples/
+    # Run directories that supersede some tasks: every (suite, task) they hold is taken from them
+    # only, and that task's samples in `data` are dropped (tasks re-collected with a changed expert).
+    replace_tasks_from: list[str] = field(default_factory=list)
     out_dir: str = "checkpoints/default_policy"      # the policy checkpoint (save_policy)
     work_dir: str | None = None      # resumable state + tokenizer; None: runs/train_policy/<out_dir name>
     results_prefix: str | None = None   # learning curve .json/.png; None: bench/results/train_policy_<name>
@@ -166,6 +169,28 @@ def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
         weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
         torch._foreach_lerp_(averaged, current, weight)
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
+
+
+def load_samples(data: list[str], replace_tasks_from: list[str]):
+    """The samples of `data`, with every (suite, task) present in `replace_tasks_from` taken from
+    those runs instead (see TrainPolicyConfig.replace_tasks_from)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from rsd_ray.records.writer import read_samples
+
+    table = read_samples(data)
+    if not replace_tasks_from:
+        return table
+    newer = read_samples(replace_tasks_from)
+    if newer.num_rows == 0:
+        raise ValueError(f"train_policy: replace_tasks_from={replace_tasks_from} holds no samples")
+    replaced = {(s, t) for s, t in zip(newer.column("suite").to_pylist(), newer.column("task_id").to_pylist())}
+    keys = [f"{s}/{t}" for s, t in zip(table.column("suite").to_pylist(), table.column("task_id").to_pylist())]
+    keep = pc.invert(pc.is_in(pa.array(keys), value_set=pa.array(sorted(f"{s}/{t}" for s, t in replaced))))
+    print(f"[train_policy] tasks {sorted(replaced)} from {replace_tasks_from} only: "
+          f"{table.num_rows - pc.sum(keep.cast('int64')).as_py()} of their samples in --data dropped")
+    return pa.concat_tables([table.filter(keep), newer])
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -311,7 +336,6 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions,
                                          draft_teacher_forced_logits, main_model_targets, proprio_stats,
                                          samples_fingerprint, sort_samples, teacher_forced_logits, token_losses)
-    from rsd_ray.records.writer import read_samples
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -323,7 +347,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     state = torch.load(state_path, weights_only=False) if config.resume and state_path.exists() else None
 
     # ---- data -----------------------------------------------------------------------------
-    table = sort_samples(read_samples(config.data))
+    table = sort_samples(load_samples(config.data, config.replace_tasks_from))
     if table.num_rows == 0:
         raise ValueError(f"train_policy: no samples in {config.data}; expected run directories with samples/ "
                          f"(jobs/collect_demos.py)")
@@ -532,7 +556,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             shutil.rmtree(out_dir)            # a stale file would change the checkpoint hash
         save_policy(out_dir, model, draft, tokenizer, proprio)
     results = {"checkpoint": str(out_dir) if phase == "done" else None, "command": command,
-               "data": list(config.data), "data_fingerprint": fingerprint, "num_samples": table.num_rows,
+               "data": list(config.data), "replace_tasks_from": list(config.replace_tasks_from),
+               "data_fingerprint": fingerprint, "num_samples": table.num_rows,
                "num_episodes": num_episodes, "num_train_rows": len(train_idx), "num_val_rows": len(val_idx),
                "rfsq_fingerprint": tokenizer.fingerprint(), "rfsq_val": rfsq_metrics.get("val"),
                # how the checkpoint this run started from was trained (newest first): with the
@@ -554,6 +579,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         (out_dir / "training.json").write_text(json.dumps(small, indent=2) + "\n")
         (out_dir / "README.md").write_text(_readme(results, config))
     return results
+
+
+def _replaced_text(results: dict[str, Any]) -> str:
+    runs = results.get("replace_tasks_from") or []
+    return f"; the tasks of {', '.join(runs)} only from those runs (replace_tasks_from)" if runs else ""
 
 
 def _lineage_text(lineage: list[dict[str, Any]]) -> str:
@@ -591,7 +621,7 @@ Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted e
 
 {_lineage_text(results.get('init_lineage', []))}## Data
 
-- run directories: {', '.join(results['data'])}
+- run directories: {', '.join(results['data'])}{_replaced_text(results)}
 - data fingerprint (`rsd_ray.policy.training.samples_fingerprint`): `{results['data_fingerprint']}`
 - {results['num_samples']} samples (chunk boundaries) from {results['num_episodes']} successful episodes;
   {results['num_train_rows']} train rows, {results['num_val_rows']} held-out rows (split by episode, seed {config.seed})

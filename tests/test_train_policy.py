@@ -403,3 +403,24 @@ def test_pooled_instruction_prefix(sample_run, tmp_path):
             assert torch.equal(v, b[k]), k
     with pytest.raises(ValueError, match="instruction_pool_tokens=-1"):
         tiny_model(instruction_pool_tokens=-1)
+
+
+def test_replace_tasks_from_supersedes_those_tasks_only(sample_run, tmp_path):
+    """Tasks present in replace_tasks_from come from those runs alone; the other tasks of --data stay."""
+    import pyarrow.compute as pc
+    from train_policy import load_samples
+
+    from rsd_ray.records.writer import read_samples
+
+    newer = write_sample_run(tmp_path / "newer", run_id="newer", seed=9)
+    table = read_samples([newer])
+    only_task1 = tmp_path / "task1"
+    run_dir = write_run(only_task1, SyntheticRun("task1", mode="autoregressive", num_tasks=NUM_TASKS,
+                                                 num_trials=NUM_TRIALS, num_chunks=NUM_CHUNKS, success_prob=1.0,
+                                                 write_chunks=False))
+    RecordWriter(run_dir).write_samples(table.filter(pc.equal(table.column("task_id"), 1)).to_pylist())
+    mixed = load_samples([str(sample_run)], [str(run_dir)])
+    runs = {(r, t) for r, t in zip(mixed.column("run_id").to_pylist(), mixed.column("task_id").to_pylist())}
+    assert runs == {("demos", 0), ("newer", 1)}
+    assert mixed.num_rows == NUM_TASKS * NUM_TRIALS * NUM_CHUNKS
+    assert load_samples([str(sample_run)], []).num_rows == mixed.num_rows
