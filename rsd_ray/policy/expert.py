@@ -73,7 +73,7 @@ class ExpertConfig:
     # Expanding grasps (closed fingers into the bowl, then open) end the descent on a looser
     # arrival: any point with the fingertips well inside the bowl holds. Where the arm settles
     # short, the tight tolerance made the expert wait chunks for its integral term, a wait one
-    # frame cannot show, so an imitator parked there pressing gently, forever (task 9, 0 %).
+    # frame cannot show, so an imitator parked there pressing gently, forever (v5 on task 9: 0 of 50).
     # Measured on libero_spatial init states 0-49 (bench/results/expert_libero_spatial_expand_
     # tasks4_9_50trials_cpu.json): tasks 4 / 9 succeed 49/50 / 50/50 (tight: 50/50 / 49/50), in a
     # median 120 / 133 steps; on init states 0-19 the tight values took 138 / 133.
