@@ -175,7 +175,6 @@ def load_samples(data: list[str], replace_tasks_from: list[str]):
     """The samples of `data`, with every (suite, task) present in `replace_tasks_from` taken from
     those runs instead (see TrainPolicyConfig.replace_tasks_from)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from rsd_ray.records.writer import read_samples
 
@@ -185,12 +184,14 @@ def load_samples(data: list[str], replace_tasks_from: list[str]):
     newer = read_samples(replace_tasks_from)
     if newer.num_rows == 0:
         raise ValueError(f"train_policy: replace_tasks_from={replace_tasks_from} holds no samples")
-    replaced = {(s, t) for s, t in zip(newer.column("suite").to_pylist(), newer.column("task_id").to_pylist())}
-    keys = [f"{s}/{t}" for s, t in zip(table.column("suite").to_pylist(), table.column("task_id").to_pylist())]
-    keep = pc.invert(pc.is_in(pa.array(keys), value_set=pa.array(sorted(f"{s}/{t}" for s, t in replaced))))
+    def tasks(t):
+        return list(zip(t.column("suite").to_pylist(), t.column("task_id").to_pylist()))
+
+    replaced = set(tasks(newer))
+    keep = [task not in replaced for task in tasks(table)]
     print(f"[train_policy] tasks {sorted(replaced)} from {replace_tasks_from} only: "
-          f"{table.num_rows - pc.sum(keep.cast('int64')).as_py()} of their samples in --data dropped")
-    return pa.concat_tables([table.filter(keep), newer])
+          f"{keep.count(False)} of their samples in --data dropped")
+    return pa.concat_tables([table.filter(pa.array(keep)), newer])
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
