@@ -47,7 +47,7 @@ def takeover_chunk(episode_key: str, seed: int, first: int, last: int) -> int:
     return int(rng.integers(first, last + 1))
 
 
-def _goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
+def goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
     """The object an ('on', object, target) goal moves; None for other goals."""
     goal = state.get("goal") or []
     return state["objects"].get(goal[0][1]) if goal and len(goal[0]) == 3 else None
@@ -55,7 +55,7 @@ def _goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
 
 def expert_may_take_over(state: dict[str, Any], object_start_z: float | None) -> bool:
     """Whether the expert's restart from `approach` is a correct label in this state."""
-    obj = _goal_object(state)
+    obj = goal_object(state)
     if object_start_z is not None and obj is not None and float(obj["aabb_min"][2]) - object_start_z > RAISED_M:
         return False
     qpos = np.asarray(state["gripper_qpos"], dtype=np.float64)
@@ -81,7 +81,7 @@ class TakeoverPolicy(Policy):
         if obs.privileged is None:
             raise ValueError(f"TakeoverPolicy needs Observation.privileged for {obs.episode_key!r}; got None")
         if obs.chunk_index == 0 or obs.episode_key not in self._episodes:
-            obj = _goal_object(obs.privileged)
+            obj = goal_object(obs.privileged)
             self._episodes[obs.episode_key] = _Takeover(
                 switch_at=takeover_chunk(obs.episode_key, obs.seed, self.first_chunk, self.last_chunk),
                 object_start_z=float(obj["aabb_min"][2]) if obj is not None else None)
