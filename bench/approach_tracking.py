@@ -7,7 +7,9 @@ policy). At each chunk in `--chunks`, over the trials, it fits eef_x ~ a + b * o
 same in y): b = 1 means the hand goes where the object is, b = 0 that it goes to the same place
 whatever the init state. `err_sd` is the spread of (eef - object) across trials: the error a
 memorised path makes grows with the object's own spread. The scripted expert (`--policy expert`)
-is the reference: its slopes are ~1 by construction. Prints a table, writes JSON.
+is the reference: its slopes are ~1 by construction. Per task it also projects 2.5 cm of object
+travel (at the object's mean position) into the 64x64 agentview image, the pixels a policy has to
+tell apart. Prints a table, writes JSON.
 
   python bench/approach_tracking.py --checkpoint checkpoints/default_policy --tasks 4 9 --trials 30-37
   python bench/approach_tracking.py --policy expert --tasks 9 --trials 30-37
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,10 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 import numpy as np  # noqa: E402
 
 from bench.common import format_table, write_json  # noqa: E402
+from rsd_ray.policy.takeover import goal_object  # noqa: E402   (numpy only)
+
+AGENTVIEW_PX = 64          # the policy's image size
+TRAVEL_M = 0.025
 
 
 class _Recorder:
@@ -35,11 +42,7 @@ class _Recorder:
     def __init__(self, policy: Any) -> None:
         self.policy, self.rows = policy, []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.policy, name)
-
     def predict(self, observations: list[Any]) -> Any:
-        from rsd_ray.policy.takeover import goal_object
         for obs in observations:
             obj = goal_object(obs.privileged)
             if obj is not None:
@@ -49,7 +52,6 @@ class _Recorder:
         if getattr(self.policy, "needs_privileged_state", False):
             return self.policy.predict(observations)
         # A learned policy never sees the privileged state it was run with.
-        from dataclasses import replace
         return self.policy.predict([replace(obs, privileged=None) for obs in observations])
 
 
@@ -67,6 +69,28 @@ def fit_tracking(rows: list[dict[str, Any]], chunk: int) -> dict[str, float] | N
         out.update({f"object_sd_{name}_cm": 100 * spread, f"slope_{name}": slope,
                     f"err_mean_{name}_cm": 100 * float(err.mean()), f"err_sd_{name}_cm": 100 * float(err.std())})
     return out
+
+
+def agentview_px_per_travel(suite: str, task: int, trial: int, point: np.ndarray) -> dict[str, float]:
+    """Image displacement (px, at AGENTVIEW_PX) of TRAVEL_M of world x and y travel at `point`,
+    by a pinhole projection with the agentview camera's pose and fovy read from the sim."""
+    from rsd_ray.env.libero_env import LiberoTaskEnv, load_task
+    env = LiberoTaskEnv(load_task(suite, task))
+    try:
+        env.start_trial(trial)
+        sim = env.robosuite_env.sim
+        cam = sim.model.camera_name2id("agentview")
+        pos, rot = sim.data.cam_xpos[cam].copy(), sim.data.cam_xmat[cam].reshape(3, 3).copy()
+        focal = (AGENTVIEW_PX / 2) / np.tan(np.radians(sim.model.cam_fovy[cam]) / 2)
+    finally:
+        env.close()
+
+    def pixel(p: np.ndarray) -> np.ndarray:
+        c = rot.T @ (p - pos)               # MuJoCo camera frame: x right, y up, looking down -z
+        return np.array([focal * c[0] / -c[2], -focal * c[1] / -c[2]])
+
+    return {f"px_per_{TRAVEL_M * 100:g}cm_{name}": float(np.linalg.norm(pixel(point + TRAVEL_M * np.eye(3)[axis]) - pixel(point)))
+            for axis, name in ((0, "x"), (1, "y"))}
 
 
 def parse_range(text: str) -> list[int]:
@@ -108,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(EpisodeRequest(episode_key=key, seed=episode_seed(args.seed, key)))
     finally:
         runner.close()
+    image_scale = {}
     for task in args.tasks:
         prefix = f"{args.suite}/{task}/"
         rows = [r for r in recorder.rows if r["key"].startswith(prefix)]
+        if rows:
+            mean_object = np.mean([r["object"] for r in rows], axis=0)
+            image_scale[task] = agentview_px_per_travel(args.suite, task, args.trials[0], mean_object)
+            print(f"task {task}: {TRAVEL_M * 100:g} cm of object travel = "
+                  + ", ".join(f"{v:.2f} px ({k[-1]})" for k, v in image_scale[task].items()) + " in agentview")
         for chunk in args.chunks:
             fit = fit_tracking(rows, chunk)
             if fit is not None:
@@ -122,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"bench/results/approach_tracking_{name}_cpu.json"
     path = write_json(out, {"benchmark": "approach_tracking", "policy": args.policy, "checkpoint": args.checkpoint,
                             "suite": args.suite, "tasks": args.tasks, "trials": args.trials, "steps": args.steps,
-                            "seed": args.seed, "command": " ".join(sys.argv), "table": table, "observations": recorder.rows})
+                            "seed": args.seed, "command": " ".join(sys.argv), "table": table, "agentview_px": image_scale, "observations": recorder.rows})
     print(f"wrote {path}")
     return 0
 
