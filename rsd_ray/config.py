@@ -162,6 +162,7 @@ class ClusterConfig:
     policy_num_cpus: float = 0.0          # env actors claim every CPU; the policy shares
     max_attempts: int = 3                 # tries per episode before an error row is final
     env_actor_max_restarts: int = -1      # Ray restarts a dead env actor (-1: forever)
+    env_actor_restart_timeout_s: float = 300.0  # a dead env actor not back by then is retired
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -169,6 +170,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.max_attempts={self.max_attempts}; expected >= 1")
         if self.num_env_actors is not None and self.num_env_actors < 1:
             raise ValueError(f"cluster.num_env_actors={self.num_env_actors}; expected >= 1")
+        if self.env_actor_restart_timeout_s <= 0:
+            raise ValueError(f"cluster.env_actor_restart_timeout_s={self.env_actor_restart_timeout_s}; expected > 0")
 
 
 @dataclass

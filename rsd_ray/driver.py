@@ -213,6 +213,7 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
         writer = RecordWriter(run_dir)
         queue = TaskAffinityQueue(keys)
         in_flight: dict[Any, tuple[int, str, int]] = {}
+        retired: set[int] = set()
 
         def submit(actor_index: int) -> None:
             item = queue.pop_for(actor_index)
@@ -239,6 +240,10 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                 # The actor died mid-episode (killed, OOM, segfault in the simulator); Ray restarts it.
                 episode = _lost_episode_row(key, attempt, exc)
                 chunks, samples = [], []
+                if not _await_restart(envs[actor_index], cl.env_actor_restart_timeout_s):
+                    retired.add(actor_index)
+                    print(f"[rsd_ray] env actor {actor_index} is gone (restarts exhausted, or not back within "
+                          f"{cl.env_actor_restart_timeout_s:.0f} s); its episodes go to the others", flush=True)
             if episode["outcome"] == "error" and attempt < cl.max_attempts:
                 queue.push_retry(key, attempt + 1)
             else:
@@ -259,9 +264,21 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
                 minutes = (time.perf_counter() - t0) / 60
                 bar.set_postfix(success=f"{successes / done_count:.0%}", ep_per_min=f"{done_count / minutes:.1f}")
                 bar.update(1)
-            submit(actor_index)
+            if actor_index not in retired:
+                submit(actor_index)
+            # A retry queued by a retired actor goes to any live idle one.
+            busy = {i for i, _, _ in in_flight.values()}
+            for i in range(num_env):
+                if i not in retired and i not in busy:
+                    submit(i)
+            if not in_flight and len(queue):
+                raise RuntimeError(
+                    f"every env actor is gone (restarts exhausted or not back within "
+                    f"{cl.env_actor_restart_timeout_s:.0f} s) with {len(queue)} episodes left; they are not "
+                    f"recorded, so rerunning the same command resumes them")
         bar.close()
-        ray.get([actor.close.remote() for actor in envs])   # EGL wants env.close() before exit
+        # EGL wants env.close() before exit.
+        ray.get([actor.close.remote() for i, actor in enumerate(envs) if i not in retired])
         return done_count
     finally:
         # Free the CPUs even when Ray outlives this run (a notebook, a test session).
@@ -269,6 +286,34 @@ def _run_episodes(config: EvalConfig, run_dir: Path, manifest: dict[str, Any], k
             ray.kill(actor, no_restart=True)
         if started_ray:
             ray.shutdown()
+
+
+def _await_restart(actor: Any, timeout_s: float, died_grace_s: float = 5.0) -> bool:
+    """Blocks until a dead actor answers again; False if it is gone for good. With
+    max_task_retries=0, Ray may fail (rather than queue) a call sent while the actor is still
+    restarting, so resubmitting at once could burn the episode's next attempt on the restart.
+    ActorDiedError means restarts are exhausted; it is trusted only once it persists for
+    `died_grace_s`, in case the cluster reports a death before the restart it then makes."""
+    import ray
+    from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+
+    start = time.monotonic()
+    deadline = start + timeout_s
+    delay = 0.1
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            ray.get(actor.pid.remote(), timeout=left)
+            return True
+        except GetTimeoutError:
+            return False
+        except RayActorError as exc:        # ActorUnavailableError: still restarting
+            if isinstance(exc, ActorDiedError) and time.monotonic() - start > died_grace_s:
+                return False
+            time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, 2.0)
 
 
 def _lost_episode_row(key: str, attempt: int, exc: Exception) -> dict[str, Any]:

@@ -65,12 +65,11 @@ def test_bad_policy_output_becomes_error_rows_after_retries(ray_local, tmp_path)
     assert row["num_steps"] == 8               # the first chunk ran, the second was refused
 
 
-def test_killed_env_actor_costs_a_retry_not_an_episode(ray_local, tmp_path):
-    ray = ray_local
-    cfg = config(tmp_path, trials=2, max_steps=160, actors=1)
+def kill_env_actor_mid_episode(ray, *, after_batches: int = 3) -> threading.Event:
+    """Kills env actor 0 (Ray may restart it) once the policy has served `after_batches` chunks."""
     killed = threading.Event()
 
-    def kill_mid_episode():
+    def run():
         deadline = time.time() + 300
         while time.time() < deadline and not killed.is_set():
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
@@ -78,8 +77,7 @@ def test_killed_env_actor_costs_a_retry_not_an_episode(ray_local, tmp_path):
             env = next((n for n in names if n.startswith("rsd-env-0-")), None)
             if policy and env:
                 try:
-                    # 3 chunks served = the first of 20-chunk episodes is running.
-                    if ray.get(ray.get_actor(policy).stats.remote())["num_batches"] >= 3:
+                    if ray.get(ray.get_actor(policy).stats.remote())["num_batches"] >= after_batches:
                         ray.kill(ray.get_actor(env), no_restart=False)
                         killed.set()
                         return
@@ -87,13 +85,37 @@ def test_killed_env_actor_costs_a_retry_not_an_episode(ray_local, tmp_path):
                     pass
             time.sleep(0.2)
 
-    thread = threading.Thread(target=kill_mid_episode, daemon=True)
-    thread.start()
+    threading.Thread(target=run, daemon=True).start()
+    return killed
+
+
+@pytest.mark.parametrize("actors, max_restarts", [
+    (1, -1),      # Ray restarts the actor; the episode's retry waits until it answers again
+    (2, 0),       # out of restarts: the actor is retired and the other one takes the retry
+])
+def test_killed_env_actor_costs_a_retry_not_an_episode(ray_local, tmp_path, actors, max_restarts):
+    cfg = config(tmp_path, trials=2, max_steps=160, actors=actors)
+    cfg.cluster.env_actor_max_restarts = max_restarts
+    # 2-3 chunks served: the first of the 20-chunk episodes is running
+    killed = kill_env_actor_mid_episode(ray_local, after_batches=4 - actors)
     summary = run_eval(cfg)
-    thread.join(timeout=5)
-    assert killed.is_set()
+    assert killed.wait(timeout=5)
     rows = read_table(tmp_path / "run").to_pylist()
     assert sorted(r["episode_key"] for r in rows) == ["libero_spatial/0/0", "libero_spatial/0/1"]
-    assert summary.num_timeout == 2 and summary.num_error == 0
+    assert summary.num_timeout == 2 and summary.num_error == 0, [r["error"] for r in rows]
     assert sorted(r["attempt"] for r in rows) == [1, 2]
     assert all(r["num_steps"] == 160 for r in rows)
+
+
+def test_no_env_actor_left_stops_the_run_without_recording_the_lost_episode(ray_local, tmp_path):
+    cfg = config(tmp_path, trials=1, max_steps=160, actors=1)
+    cfg.cluster.env_actor_max_restarts = 0
+    killed = kill_env_actor_mid_episode(ray_local, after_batches=2)
+    with pytest.raises(RuntimeError, match="every env actor is gone .* 1 episodes left"):
+        run_eval(cfg)
+    assert killed.wait(timeout=5)
+    # Not an error row: the episode never ran to an outcome, so a rerun resumes it.
+    assert read_table(tmp_path / "run").num_rows == 0
+    cfg.cluster.env_actor_max_restarts = -1
+    summary = run_eval(cfg)
+    assert summary.num_new == 1 and summary.num_timeout == 1
