@@ -30,7 +30,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 import numpy as np  # noqa: E402
 
 from bench.common import format_table, write_json  # noqa: E402
-from rsd_ray.policy.takeover import goal_object  # noqa: E402   (numpy only)
+from rsd_ray.env.privileged import goal_object  # noqa: E402   (numpy only)
 
 AGENTVIEW_PX = 64          # the policy's image size
 TRAVEL_M = 0.025

@@ -92,6 +92,10 @@ class TrainPolicyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     shift_px: int = 3                # random image translation (augmentation); 0 = off
+    # > 0: add this weight times an auxiliary regression of the samples' goal_offsets (goal object
+    # and target relative to the hand, recorded from privileged state by collect_demos) from the
+    # block-0 hidden states (rsd_ray.policy.training.GoalOffsetHead); unlabelled rows are skipped.
+    goal_offset_weight: float = 0.0
     # > 0: validate, select and ship an exponential moving average of the weights (this decay per
     # step) instead of the raw ones. Closed-loop success of raw weights swung 41-56 / 100 between
     # checkpoints of equal val CE; an average over the last ~1/(1-decay) steps is the usual cure.
@@ -138,6 +142,8 @@ class TrainPolicyConfig:
                              f"{self.model.num_rfsq_layers} non-negative weights, not all zero")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train_policy: ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1)")
+        if self.goal_offset_weight < 0:
+            raise ValueError(f"train_policy: goal_offset_weight={self.goal_offset_weight}; expected >= 0 (0: off)")
         if self.draft_steps < 0:
             raise ValueError(f"train_policy: draft_steps={self.draft_steps}; expected >= 0")
         rf, m = self.rfsq, self.model
@@ -250,23 +256,35 @@ def _versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
-    """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`."""
-    from rsd_ray.policy.training import teacher_forced_logits, token_losses
+def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, offset_head=None) -> dict[str, Any]:
+    """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`; with
+    `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows."""
+    from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, teacher_forced_logits, token_losses
 
     model.eval()
     ce_sum = acc_sum = 0.0
+    sq_err, num_labelled = 0.0, 0
     for lo in range(0, len(index), batch_size):
         idx = index[lo:lo + batch_size]
         images, ids, mask, proprio, tokens = demos.batch(idx)
-        logits, _ = teacher_forced_logits(model, images, ids, mask, proprio, tokens)
+        logits, h0 = teacher_forced_logits(model, images, ids, mask, proprio, tokens)
         ce, acc = token_losses(logits, tokens)
         ce_sum = ce_sum + ce * len(idx)
         acc_sum = acc_sum + acc * len(idx)
+        if offset_head is not None:
+            offsets = demos.goal_offsets[idx]
+            labelled = ~torch.isnan(offsets).any(dim=1)
+            if labelled.any():
+                pred = offset_head(h0[labelled]) * GOAL_OFFSET_SCALE_M
+                sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
+                num_labelled += int(labelled.sum())
     model.train()
     n = max(1, len(index))
-    return {"ce": float((ce_sum / n).mean()), "ce_per_layer": [round(float(v), 4) for v in ce_sum / n],
-            "acc_per_layer": [round(float(v), 4) for v in acc_sum / n]}
+    out = {"ce": float((ce_sum / n).mean()), "ce_per_layer": [round(float(v), 4) for v in ce_sum / n],
+           "acc_per_layer": [round(float(v), 4) for v in acc_sum / n]}
+    if num_labelled:
+        out["object_xy_rmse_cm"] = round(100 * (sq_err / num_labelled) ** 0.5, 3)
+    return out
 
 
 @torch.no_grad()
@@ -335,8 +353,9 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.draft import DraftModel
     from rsd_ray.policy.modeling_rsd import RSDModel
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions,
-                                         draft_teacher_forced_logits, main_model_targets, proprio_stats,
-                                         samples_fingerprint, sort_samples, teacher_forced_logits, token_losses)
+                                         draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
+                                         proprio_stats, samples_fingerprint, sort_samples, teacher_forced_logits,
+                                         token_losses, GoalOffsetHead)
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -403,7 +422,18 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             raise ValueError(f"train_policy: init_from={config.init_from!r} does not fit the model: "
                              f"missing {not_grown}, unexpected {unexpected}")
         draft.load_state_dict(init.draft.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    offset_head = None
+    if config.goal_offset_weight > 0:
+        num_labelled = int((~torch.isnan(demos.goal_offsets[train_idx]).any(dim=1)).sum())
+        if num_labelled == 0:
+            raise ValueError(f"train_policy: goal_offset_weight={config.goal_offset_weight} but no training sample "
+                             f"in {config.data} has goal_offsets; record demonstrations with this version's "
+                             f"jobs/collect_demos.py (privileged state), or set goal_offset_weight=0")
+        print(f"[train_policy] goal-offset auxiliary loss (weight {config.goal_offset_weight}) on {num_labelled} of "
+              f"{len(train_idx)} training samples")
+        offset_head = GoalOffsetHead(config.model.hidden_size)
+    trained = list(model.parameters()) + (list(offset_head.parameters()) if offset_head is not None else [])
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     ema = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
     scored = model if ema is None else ema.module     # the weights validated, selected and shipped
     history: list[dict[str, Any]] = []
@@ -415,6 +445,11 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         model.load_state_dict(state["model"])
         draft.load_state_dict(state["draft"])
         optimizer.load_state_dict(state["optimizer"])
+        if offset_head is not None:
+            if state.get("goal_offset_head") is None:
+                raise ValueError(f"train_policy --resume: {state_path} was saved without goal_offset_weight; resume "
+                                 f"with the same --goal_offset_weight as the run that wrote it")
+            offset_head.load_state_dict(state["goal_offset_head"])
         if ema is not None:
             if state.get("ema") is None:
                 raise ValueError(f"train_policy --resume: {state_path} was saved without ema_decay; resume with "
@@ -428,6 +463,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     def snapshot(draft_optimizer=None, draft_step: int = 0) -> dict[str, Any]:
         return {"model": model.state_dict(), "draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
+                "goal_offset_head": offset_head.state_dict() if offset_head is not None else None,
                 "draft_optimizer": draft_optimizer.state_dict() if draft_optimizer is not None else None,
                 "draft_step": draft_step, "step": step, "phase": phase, "history": history,
                 "draft_history": draft_history, "data_fingerprint": fingerprint, "main_s": main_s, "best": best,
@@ -447,25 +483,32 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, config.steps, config.lr, config.warmup_steps)
             images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px, gen)
-            logits, _ = teacher_forced_logits(model, images, ids, mask, prop, tokens)
+            logits, h0 = teacher_forced_logits(model, images, ids, mask, prop, tokens)
             ce, acc = token_losses(logits, tokens)
             loss = (ce * weights).sum()
+            if offset_head is not None:
+                offset_mse, _ = goal_offset_loss(offset_head, h0, demos.goal_offsets[idx])
+                loss = loss + config.goal_offset_weight * offset_mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
             row: dict[str, Any] = {"step": step + 1, "train_ce": round(float(ce.detach().mean()), 5),
                                    "train_loss": round(float(loss.detach()), 5),
                                    "train_ce_layer0": round(float(ce[0].detach()), 5)}
+            if offset_head is not None:
+                row["train_offset_mse"] = round(float(offset_mse.detach()), 5)
             done = step + 1
             main_s = time.perf_counter() - t_phase
             out_of_time = config.max_minutes is not None and main_s > 60 * config.max_minutes
             if done % config.eval_every == 0 or done == config.steps or out_of_time:
                 if len(val_idx):
-                    ev = evaluate_tokens(scored, demos, val_idx)
+                    ev = evaluate_tokens(scored, demos, val_idx, offset_head=offset_head)
                     row.update(val_ce=ev["ce"], val_ce_per_layer=ev["ce_per_layer"], val_acc_per_layer=ev["acc_per_layer"])
+                    if "object_xy_rmse_cm" in ev:
+                        row["val_object_xy_rmse_cm"] = ev["object_xy_rmse_cm"]
                     row["val_loss"] = float((torch.tensor(ev["ce_per_layer"]) * weights).sum())
                     if config.keep_best and (best is None or row["val_loss"] < best["val_loss"]):
                         best = {"step": done, "val_loss": row["val_loss"],

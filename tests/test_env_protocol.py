@@ -151,6 +151,7 @@ def test_action_noise_perturbs_executed_translation_but_samples_keep_the_policy_
     assert 0.1 < noise.std() < 0.3 and executed[:, :3].max() <= 1.0 and executed[:, :3].min() >= -1.0
     for sample in first.samples + again.samples:
         np.testing.assert_array_equal(np.reshape(sample["action_chunk"], (8, 7)), chunk)
+        assert sample["goal_offsets"] is None          # no privileged state in this run
 
 
 def test_noop_times_out_at_exactly_the_suites_max_steps(runner):

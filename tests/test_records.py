@@ -52,6 +52,29 @@ def test_corrupt_or_foreign_parquet_names_the_file(tmp_path):
         read_table(tmp_path)
 
 
+def test_samples_written_before_goal_offsets_read_back_with_nulls(tmp_path):
+    """Demonstrations recorded before the goal_offsets column stay usable; any other missing
+    column is still a foreign file."""
+    import pyarrow.parquet as pq
+    from rsd_ray.records.schema import SAMPLE_SCHEMA
+    row = {"run_id": "r", "episode_key": "libero_spatial/0/0", "suite": "libero_spatial", "task_id": 0,
+           "trial": 0, "chunk_index": 0, "proprio": [0.0] * 8, "action_chunk": [0.0] * 56}
+    writer = RecordWriter(tmp_path)
+    writer.write_samples([{**row, "goal_offsets": [0.1] * 6}])
+    old = pa_table_without(read_table(tmp_path, "samples"), "goal_offsets")
+    pq.write_table(old, tmp_path / "samples" / "part-old.parquet")
+    table = read_table(tmp_path, "samples")
+    assert table.schema.equals(SAMPLE_SCHEMA) and table.num_rows == 2
+    assert sorted(table.column("goal_offsets").to_pylist(), key=lambda v: v is None)[1] is None
+    pq.write_table(pa_table_without(old, "proprio"), tmp_path / "samples" / "part-older.parquet")
+    with pytest.raises(CorruptRecordsError, match=r"lacks columns \['proprio'\]"):
+        read_table(tmp_path, "samples")
+
+
+def pa_table_without(table, column: str):
+    return table.drop_columns([column])
+
+
 def test_resume_guard_names_the_differences():
     a = build_manifest("r", {}, {"seed": 0}, {"seed": 0, "decode_mode": "speculative"}, {})
     b = build_manifest("r", {}, {"seed": 0}, {"seed": 0, "decode_mode": "autoregressive"}, {})

@@ -91,3 +91,10 @@ def test_expert_finishes_a_real_episode_after_the_learner_and_only_its_chunks_ar
     assert result.episode["outcome"] == "success", result.episode["error"]
     assert [s["chunk_index"] for s in result.samples] == list(range(3, result.episode["num_chunks"]))
     assert len(result.chunks) == result.episode["num_chunks"]
+    # The localisation labels follow the task: the hand starts > 20 cm from the bowl, closes in,
+    # then holds it by the rim (a fixed ~5 cm from its centre) while the plate comes 25 cm nearer.
+    offsets = np.asarray([s["goal_offsets"] for s in result.samples])
+    to_bowl, to_plate = np.linalg.norm(offsets[:, :2], axis=1), np.linalg.norm(offsets[:, 3:5], axis=1)
+    held = to_bowl[2:]
+    assert to_bowl[0] > 0.2 and held.max() < 0.06 and np.ptp(held) < 0.01, to_bowl
+    assert to_plate[0] - to_plate[-1] > 0.25, to_plate

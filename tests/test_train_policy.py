@@ -39,8 +39,16 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0) -> Path:
-    """A run directory with episode rows (all successes) and SAMPLE_SCHEMA samples."""
+def square_image(x: int, y: int, rng) -> np.ndarray:
+    """48x48 noise with a white 12x12 square at column x, row y: where a goal object would be."""
+    image = rng.integers(0, 64, (48, 48, 3), dtype=np.uint8)
+    image[y:y + 12, x:x + 12] = 255
+    return image
+
+
+def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0, goal_offsets: bool = False) -> Path:
+    """A run directory with episode rows (all successes) and SAMPLE_SCHEMA samples. goal_offsets:
+    each agentview shows a square whose position the sample's goal_offsets encode (learnable)."""
     spec = SyntheticRun(run_id, mode="autoregressive", num_tasks=NUM_TASKS, num_trials=NUM_TRIALS,
                         num_chunks=NUM_CHUNKS, success_prob=1.0, write_chunks=False, seed=seed)
     run_dir = write_run(root, spec)
@@ -51,9 +59,12 @@ def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0) -> Path:
     for e, key in enumerate(keys):
         suite, task, trial = key.split("/")
         for c in range(NUM_CHUNKS):
+            x, y = (int(v) for v in rng.integers(0, 36, 2))
+            agentview = square_image(x, y, rng) if goal_offsets else rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            offsets = [(x - 18) / 100, (y - 18) / 100, 0.05, 0.1, -0.1, 0.0] if goal_offsets else None
             rows.append({"run_id": run_id, "episode_key": key, "suite": suite, "task_id": int(task),
                          "trial": int(trial), "chunk_index": c, "step": 8 * c, "instruction": TASK_NAMES[int(task)],
-                         "agentview_png": _png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
+                         "agentview_png": _png(agentview), "goal_offsets": offsets,
                          "wrist_png": _png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
                          "proprio": rng.normal(size=8).astype(np.float32).tolist(),
                          "action_chunk": chunks[e * NUM_CHUNKS + c].reshape(-1).tolist(),
@@ -424,3 +435,37 @@ def test_replace_tasks_from_supersedes_those_tasks_only(sample_run, tmp_path):
     assert runs == {("demos", 0), ("newer", 1)}
     assert mixed.num_rows == NUM_TASKS * NUM_TRIALS * NUM_CHUNKS
     assert load_samples([str(sample_run)], []).num_rows == mixed.num_rows
+
+
+def test_goal_offset_loss_skips_unlabelled_rows():
+    from rsd_ray.policy.training import GoalOffsetHead, goal_offset_loss
+
+    head = GoalOffsetHead(8)
+    hidden = torch.randn(3, 4, 8, requires_grad=True)
+    offsets = torch.tensor([[0.1] * 6, [float("nan")] * 6, [0.2] * 6])
+    loss, n = goal_offset_loss(head, hidden, offsets)
+    expected = torch.nn.functional.mse_loss(head(hidden[[0, 2]]), offsets[[0, 2]] / 0.1)
+    assert n == 2 and torch.allclose(loss, expected)
+    none, n = goal_offset_loss(head, hidden, torch.full((3, 6), float("nan")))
+    assert n == 0 and float(none.detach()) == 0.0
+    none.backward()                                   # an all-unlabelled batch still steps
+
+
+def test_goal_offset_auxiliary_loss_learns_and_resumes(tmp_path):
+    """goal_offset_weight > 0: the readout learns where the square is (train MSE falls, val error
+    is reported), the head is part of the resumable state, and data without labels is refused."""
+    from train_policy import train_policy
+
+    labelled = write_sample_run(tmp_path / "labelled", run_id="labelled", seed=3, goal_offsets=True)
+    common = dict(goal_offset_weight=1.0, steps=120, eval_every=60, save_every=60, draft_steps=2, lr=3e-3)
+    full = train_policy(train_config(labelled, tmp_path, "aux", **common))
+    mse = [h["train_offset_mse"] for h in full["history"]]
+    assert np.mean(mse[-20:]) < 0.3 * np.mean(mse[:20]), mse
+    assert all("val_object_xy_rmse_cm" in h for h in full["history"] if "val_ce" in h)
+    part = train_config(labelled, tmp_path, "aux_resumed", max_minutes=0.0, on_max_minutes="stop", **common)
+    train_policy(part)
+    resumed = train_policy(replace(part, max_minutes=None, resume=True))
+    assert [h["train_offset_mse"] for h in resumed["history"]] == pytest.approx(mse, abs=1e-5)
+    unlabelled = write_sample_run(tmp_path / "unlabelled", run_id="unlabelled")
+    with pytest.raises(ValueError, match="no training sample .* has goal_offsets"):
+        train_policy(train_config(unlabelled, tmp_path, "aux_none", **common))

@@ -18,6 +18,7 @@ import numpy as np
 from rsd_ray.config import EnvConfig
 from rsd_ray.env.libero_env import LiberoTaskEnv, TaskSpec, load_task
 from rsd_ray.env.preprocess import AGENTVIEW_KEY, WRIST_KEY, policy_image, proprio_state
+from rsd_ray.env.privileged import goal_offsets, read_privileged_state
 from rsd_ray.policy.base import ChunkStats, Observation, check_chunks
 from rsd_ray.protocol import MAX_STEPS, parse_episode_key
 
@@ -102,7 +103,6 @@ class EpisodeRunner:
             agentview = wrist = np.zeros((size, size, 3), np.uint8)
         privileged = None
         if self.needs_privileged_state:
-            from rsd_ray.env.privileged import read_privileged_state
             privileged = read_privileged_state(env.env)
         return Observation(agentview=agentview, wrist=wrist, proprio=proprio_state(raw),
                            instruction=env.spec.instruction, episode_key=key, chunk_index=chunk_index,
@@ -163,7 +163,8 @@ class EpisodeRunner:
                         "chunk_index": num_chunks, "step": start_step, "instruction": obs.instruction,
                         "agentview_png": encode_png(obs.agentview), "wrist_png": encode_png(obs.wrist),
                         "proprio": obs.proprio.astype(np.float32).tolist(),
-                        "action_chunk": chunk.reshape(-1).tolist(), "num_actions_executed": executed})
+                        "action_chunk": chunk.reshape(-1).tolist(), "num_actions_executed": executed,
+                        "goal_offsets": goal_offsets(obs.privileged) if obs.privileged is not None else None})
                 num_chunks += 1
             # Success is the env's own check (`done` from step), never "not a timeout".
             outcome = "success" if done else "timeout"

@@ -214,3 +214,27 @@ def _gripper_touches_world(sim: Any, robot: Any) -> bool:
         if (b1 in gripper and b2 not in robot_bodies) or (b2 in gripper and b1 not in robot_bodies):
             return True
     return False
+
+
+def goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The object an ('on', object, target) goal moves; None for other goals."""
+    goal = state.get("goal") or []
+    return state["objects"].get(goal[0][1]) if goal and len(goal[0]) == 3 else None
+
+
+def _box_centre(entry: dict[str, Any]) -> np.ndarray:
+    return (np.asarray(entry["aabb_min"], dtype=np.float64) + np.asarray(entry["aabb_max"], dtype=np.float64)) / 2.0
+
+
+def goal_offsets(state: dict[str, Any]) -> list[float] | None:
+    """[goal object - grip site, target - grip site], world metres, box centres: 6 floats
+    (SAMPLE_SCHEMA `goal_offsets`, an auxiliary training label for localisation). None unless
+    the first goal predicate is ('on' | 'in', object, target) with both in `objects`."""
+    goal = state.get("goal") or []
+    if not goal or len(goal[0]) != 3:
+        return None
+    obj, target = state["objects"].get(goal[0][1]), state["objects"].get(goal[0][2])
+    if obj is None or target is None:
+        return None
+    eef = np.asarray(state["eef_pos"], dtype=np.float64)
+    return np.concatenate([_box_centre(obj) - eef, _box_centre(target) - eef]).astype(np.float32).tolist()

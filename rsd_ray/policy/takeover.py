@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rsd_ray.env.privileged import goal_object
 from rsd_ray.policy.base import ChunkStats, Observation, Policy, PolicyOutput, check_chunks
 from rsd_ray.policy.expert import ScriptedExpert
 
@@ -45,12 +46,6 @@ def takeover_chunk(episode_key: str, seed: int, first: int, last: int) -> int:
     """S in [first, last], reproducible per (episode key, seed)."""
     rng = np.random.default_rng([zlib.crc32(episode_key.encode()), seed, 7919])
     return int(rng.integers(first, last + 1))
-
-
-def goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
-    """The object an ('on', object, target) goal moves; None for other goals."""
-    goal = state.get("goal") or []
-    return state["objects"].get(goal[0][1]) if goal and len(goal[0]) == 3 else None
 
 
 def expert_may_take_over(state: dict[str, Any], object_start_z: float | None) -> bool:

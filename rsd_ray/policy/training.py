@@ -25,6 +25,7 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rsd_ray.decoding.row_cache import prefill_mask
 from rsd_ray.policy.checkpoint import ProprioStats
@@ -90,14 +91,16 @@ class DemoTensors:
                                     # ProprioStats, then the motion feedback when the config has it
     tokens: torch.Tensor            # [N, T, D, L] int64 in [0, V): RFSQ tokens of the action chunks
     episode_keys: list[str]
+    goal_offsets: torch.Tensor | None = None   # [N, 6] float32 metres, NaN where unlabelled
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def subset(self, index: torch.Tensor) -> "DemoTensors":
         keys = [self.episode_keys[i] for i in index.tolist()]
+        offsets = self.goal_offsets[index] if self.goal_offsets is not None else None
         return DemoTensors(self.images[index], self.instruction_ids[index], self.instruction_mask[index],
-                           self.proprio[index], self.tokens[index], keys)
+                           self.proprio[index], self.tokens[index], keys, offsets)
 
     def batch(self, index: torch.Tensor, shift_px: int = 0, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, ...]:
@@ -149,7 +152,51 @@ def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStat
         state = torch.cat([state, torch.from_numpy(feedback)], dim=1)
     with torch.no_grad():
         tokens = tokenizer.encode(torch.from_numpy(chunks).to(tokenizer.device)).cpu()
-    return DemoTensors(torch.cat(images), ids, mask, state, tokens, episode_keys)
+    return DemoTensors(torch.cat(images), ids, mask, state, tokens, episode_keys, goal_offset_labels(table))
+
+
+def goal_offset_labels(table) -> torch.Tensor:
+    """SAMPLE_SCHEMA `goal_offsets` -> [N, 6] float32, NaN rows where a sample has none (samples
+    recorded without privileged state, or before the column existed)."""
+    n = table.num_rows
+    if "goal_offsets" not in table.column_names:
+        return torch.full((n, 6), float("nan"))
+    values = table.column("goal_offsets").to_pylist()
+    wrong = next((v for v in values if v is not None and len(v) != 6), None)
+    if wrong is not None:
+        raise ValueError(f"a sample's goal_offsets has {len(wrong)} values; expected 6 (object - hand, target - hand)")
+    return torch.tensor([v if v is not None else [float("nan")] * 6 for v in values], dtype=torch.float32)
+
+
+# ---- auxiliary localisation target ------------------------------------------------------
+GOAL_OFFSET_SCALE_M = 0.1    # offsets span about +/-0.3 m: regress them in units of 10 cm
+
+
+class GoalOffsetHead(nn.Module):
+    """Training-only probe: block-0 hidden states [B, T, H] -> goal_offsets [B, 6] / 10 cm.
+
+    The action head reads the same block-0 states, so a loss on this linear readout asks them to
+    carry where the goal object and its target are relative to the hand, which behaviour cloning
+    alone did not teach a model that sees the bowl move by 1-2 px between init states
+    (bench/approach_tracking.py). Not part of the shipped checkpoint: inference never runs it."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.readout = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 6))
+
+    def forward(self, block0_hidden: torch.Tensor) -> torch.Tensor:
+        return self.readout(block0_hidden.mean(dim=1))
+
+
+def goal_offset_loss(head: GoalOffsetHead, block0_hidden: torch.Tensor, offsets: torch.Tensor
+                     ) -> tuple[torch.Tensor, int]:
+    """Mean squared error in 10 cm units over the labelled rows of the batch; (0, 0) if none."""
+    labelled = ~torch.isnan(offsets).any(dim=1)
+    if not labelled.any():
+        return block0_hidden.sum() * 0.0, 0
+    pred = head(block0_hidden[labelled])
+    target = offsets[labelled].to(pred.dtype) / GOAL_OFFSET_SCALE_M
+    return F.mse_loss(pred, target), int(labelled.sum())
 
 
 def check_instructions(instructions: Iterable[str], max_tokens: int) -> None:

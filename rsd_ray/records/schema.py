@@ -90,7 +90,15 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("action_chunk", pa.list_(pa.float32(), 56)),      # [T=8, A=7] row-major
     pa.field("num_actions_executed", pa.int32()),
     pa.field("episode_success", pa.bool_()),
+    # [goal object - grip site, target - grip site] world metres (env.privileged.goal_offsets),
+    # when the episode ran with privileged state (expert demonstrations); an auxiliary label.
+    # 6 floats or null; a variable-length list because pyarrow reads a null fixed-size list back
+    # from Parquet as a zero-length one and then refuses the column.
+    pa.field("goal_offsets", pa.list_(pa.float32())),
 ])
+# Nullable columns added after the first release: a part file written before them may lack
+# them, and reads as nulls there.
+ADDED_SAMPLE_FIELDS = frozenset({"goal_offsets"})
 
 SAMPLES_DIR = "samples"
 EPISODES_DIR = "episodes"

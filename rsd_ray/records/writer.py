@@ -15,10 +15,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from rsd_ray.records.schema import (
-    CHUNK_SCHEMA, CHUNKS_DIR, EPISODE_SCHEMA, EPISODES_DIR, SAMPLE_SCHEMA, SAMPLES_DIR,
+    ADDED_SAMPLE_FIELDS, CHUNK_SCHEMA, CHUNKS_DIR, EPISODE_SCHEMA, EPISODES_DIR, SAMPLE_SCHEMA, SAMPLES_DIR,
 )
 
 SCHEMAS = {EPISODES_DIR: EPISODE_SCHEMA, CHUNKS_DIR: CHUNK_SCHEMA, SAMPLES_DIR: SAMPLE_SCHEMA}
+ADDED_FIELDS = {SAMPLES_DIR: ADDED_SAMPLE_FIELDS}
 
 
 class CorruptRecordsError(RuntimeError):
@@ -77,7 +78,7 @@ def read_table(run_dir: str | os.PathLike[str], kind: str = EPISODES_DIR,
         except Exception as exc:  # pyarrow raises several types for garbage files
             raise CorruptRecordsError(f"{path} is not a readable Parquet file ({exc}); move it away "
                                       f"to resume: the episodes in it will then be run again") from exc
-        missing = set(schema.names) - set(file_schema.names)
+        missing = set(schema.names) - set(file_schema.names) - ADDED_FIELDS.get(kind, frozenset())
         if missing:
             raise CorruptRecordsError(f"{path} lacks columns {sorted(missing)} of the rsd_ray {kind} schema; "
                                       f"it was not written by this version of rsd_ray")
