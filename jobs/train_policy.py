@@ -259,7 +259,7 @@ def _versions() -> dict[str, str]:
 def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, offset_head=None) -> dict[str, Any]:
     """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`; with
     `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows."""
-    from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, teacher_forced_logits, token_losses
+    from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, labelled_rows, teacher_forced_logits, token_losses
 
     model.eval()
     ce_sum = acc_sum = 0.0
@@ -273,7 +273,7 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
         acc_sum = acc_sum + acc * len(idx)
         if offset_head is not None:
             offsets = demos.goal_offsets[idx]
-            labelled = ~torch.isnan(offsets).any(dim=1)
+            labelled = labelled_rows(offsets)
             if labelled.any():
                 pred = offset_head(h0[labelled]) * GOAL_OFFSET_SCALE_M
                 sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
@@ -354,8 +354,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.modeling_rsd import RSDModel
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions,
                                          draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
-                                         proprio_stats, samples_fingerprint, sort_samples, teacher_forced_logits,
-                                         token_losses, GoalOffsetHead)
+                                         labelled_rows, proprio_stats, samples_fingerprint, sort_samples,
+                                         teacher_forced_logits, token_losses, GoalOffsetHead)
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -424,7 +424,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
         draft.load_state_dict(init.draft.state_dict())
     offset_head = None
     if config.goal_offset_weight > 0:
-        num_labelled = int((~torch.isnan(demos.goal_offsets[train_idx]).any(dim=1)).sum())
+        num_labelled = int(labelled_rows(demos.goal_offsets[train_idx]).sum())
         if num_labelled == 0:
             raise ValueError(f"train_policy: goal_offset_weight={config.goal_offset_weight} but no training sample "
                              f"in {config.data} has goal_offsets; record demonstrations with this version's "

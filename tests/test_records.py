@@ -61,18 +61,14 @@ def test_samples_written_before_goal_offsets_read_back_with_nulls(tmp_path):
            "trial": 0, "chunk_index": 0, "proprio": [0.0] * 8, "action_chunk": [0.0] * 56}
     writer = RecordWriter(tmp_path)
     writer.write_samples([{**row, "goal_offsets": [0.1] * 6}])
-    old = pa_table_without(read_table(tmp_path, "samples"), "goal_offsets")
+    old = read_table(tmp_path, "samples").drop_columns(["goal_offsets"])
     pq.write_table(old, tmp_path / "samples" / "part-old.parquet")
     table = read_table(tmp_path, "samples")
     assert table.schema.equals(SAMPLE_SCHEMA) and table.num_rows == 2
     assert sorted(table.column("goal_offsets").to_pylist(), key=lambda v: v is None)[1] is None
-    pq.write_table(pa_table_without(old, "proprio"), tmp_path / "samples" / "part-older.parquet")
+    pq.write_table(old.drop_columns(["proprio"]), tmp_path / "samples" / "part-older.parquet")
     with pytest.raises(CorruptRecordsError, match=r"lacks columns \['proprio'\]"):
         read_table(tmp_path, "samples")
-
-
-def pa_table_without(table, column: str):
-    return table.drop_columns([column])
 
 
 def test_resume_guard_names_the_differences():

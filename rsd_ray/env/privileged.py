@@ -216,10 +216,17 @@ def _gripper_touches_world(sim: Any, robot: Any) -> bool:
     return False
 
 
+def _goal_pair(state: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(object, target) entries of a 3-term first goal predicate such as ('on', object, target)."""
+    goal = state.get("goal") or []
+    if not goal or len(goal[0]) != 3:
+        return None, None
+    return state["objects"].get(goal[0][1]), state["objects"].get(goal[0][2])
+
+
 def goal_object(state: dict[str, Any]) -> dict[str, Any] | None:
     """The object an ('on', object, target) goal moves; None for other goals."""
-    goal = state.get("goal") or []
-    return state["objects"].get(goal[0][1]) if goal and len(goal[0]) == 3 else None
+    return _goal_pair(state)[0]
 
 
 def _box_centre(entry: dict[str, Any]) -> np.ndarray:
@@ -229,11 +236,8 @@ def _box_centre(entry: dict[str, Any]) -> np.ndarray:
 def goal_offsets(state: dict[str, Any]) -> list[float] | None:
     """[goal object - grip site, target - grip site], world metres, box centres: 6 floats
     (SAMPLE_SCHEMA `goal_offsets`, an auxiliary training label for localisation). None unless
-    the first goal predicate is ('on' | 'in', object, target) with both in `objects`."""
-    goal = state.get("goal") or []
-    if not goal or len(goal[0]) != 3:
-        return None
-    obj, target = state["objects"].get(goal[0][1]), state["objects"].get(goal[0][2])
+    the first goal predicate is (relation, object, target) with both in `objects`."""
+    obj, target = _goal_pair(state)
     if obj is None or target is None:
         return None
     eef = np.asarray(state["eef_pos"], dtype=np.float64)

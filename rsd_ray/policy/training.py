@@ -188,10 +188,15 @@ class GoalOffsetHead(nn.Module):
         return self.readout(block0_hidden.mean(dim=1))
 
 
+def labelled_rows(offsets: torch.Tensor) -> torch.Tensor:
+    """[N, 6] goal offsets -> [N] bool: the rows that have a label (not NaN)."""
+    return ~torch.isnan(offsets).any(dim=1)
+
+
 def goal_offset_loss(head: GoalOffsetHead, block0_hidden: torch.Tensor, offsets: torch.Tensor
                      ) -> tuple[torch.Tensor, int]:
     """Mean squared error in 10 cm units over the labelled rows of the batch; (0, 0) if none."""
-    labelled = ~torch.isnan(offsets).any(dim=1)
+    labelled = labelled_rows(offsets)
     if not labelled.any():
         return block0_hidden.sum() * 0.0, 0
     pred = head(block0_hidden[labelled])
