@@ -50,6 +50,9 @@ GROWN_PREFIXES = ("vision.stem.", "feedback_proj.")
 # proprio, blocks, backbone, head, draft) carries over, but the start is not the checkpoint's
 # outputs, since the backbone's instruction positions now hold other vectors.
 REPLACED_FIELD, REPLACED_PREFIX, DROPPED_KEYS = "instruction_pool_tokens", "instruction_pool.", ("instruction_embed.weight",)
+# Processor settings: they change what the images show, not the shape of any weight, so a fine-tune
+# may set them to anything (the model then starts from the checkpoint's weights, not its outputs).
+PROCESSOR_FIELDS = ("agentview_crop",)
 PHASES = ("main", "draft", "done")
 
 
@@ -226,7 +229,7 @@ def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path) -> tuple[A
     if not source.is_dir():
         raise FileNotFoundError(f"train_policy: init_from={str(source)!r} is not a policy checkpoint directory")
     theirs, ours = asdict(read_config(source)), asdict(config.model)
-    differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v
+    differ = {k: (ours[k], v) for k, v in theirs.items() if ours[k] != v and k not in PROCESSOR_FIELDS
               and not (k in GROWABLE_FIELDS + (REPLACED_FIELD,) and v == 0)}
     if differ:
         raise ValueError(f"train_policy: model config differs from init_from={str(source)!r}: "
@@ -651,6 +654,8 @@ def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"
     if config.ema_decay:
         kept_because = f"an exponential moving average of the weights, decay {config.ema_decay}; " + kept_because
+    crop = (f" (agentview cropped to rows {m.agentview_crop[0]:g}-{m.agentview_crop[2]:g}, columns "
+            f"{m.agentview_crop[1]:g}-{m.agentview_crop[3]:g} of the frame first)" if m.agentview_crop else "")
     return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
 
 Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted expert
@@ -672,7 +677,7 @@ Trained in-project by `jobs/train_policy.py` on demonstrations of the scripted e
 
 ## Model
 
-{results['num_parameters']:,} parameters (+ draft {results['num_draft_parameters']:,}): images {m.image_size}x{m.image_size}
+{results['num_parameters']:,} parameters (+ draft {results['num_draft_parameters']:,}): images {m.image_size}x{m.image_size}{crop}
 in {m.patch_size}x{m.patch_size} patches{stem}, {instruction}, Llama backbone
 {m.num_hidden_layers} blocks x hidden {m.hidden_size}; RFSQ tokenizer fingerprint `{results['rfsq_fingerprint']}`.
 The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive` or `speculative`.

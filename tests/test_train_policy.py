@@ -191,6 +191,45 @@ def test_init_from_grows_a_conv_stem_that_starts_at_zero(sample_run, tmp_path):
         tiny_model(conv_stem_channels=8, patch_size=12, image_size=36)
 
 
+def test_agentview_crop_zooms_camera_0_and_fine_tunes_from_an_uncropped_checkpoint(sample_run, tmp_path):
+    """--model.agentview_crop: training and RSDPolicy show the model the same cropped agentview
+    (the wrist frame untouched), an uncropped checkpoint fine-tunes with it (weights carried over,
+    lr 0 keeps them), the crop round-trips through the checkpoint, and a box that is not
+    0 <= top < bottom <= 1, 0 <= left < right <= 1 is refused."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.base import Observation
+    from rsd_ray.policy.checkpoint import load_policy, read_config
+    from rsd_ray.policy.modeling_rsd import preprocess_images
+    from rsd_ray.policy.rsd_policy import RSDPolicy
+
+    rng = np.random.default_rng(3)
+    agentview, wrist = (rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(2))
+    box = (0.25, 0.0, 0.75, 0.5)                            # rows 12..36, columns 0..24 of 48
+    frames = [torch.from_numpy(agentview), torch.from_numpy(wrist)]
+    cropped = preprocess_images(frames, 32, num_cameras=2, agentview_crop=box)
+    whole = preprocess_images(frames, 32)
+    assert torch.equal(cropped[1], whole[1]) and not torch.equal(cropped[0], whole[0])
+    assert torch.equal(cropped[0], preprocess_images([torch.from_numpy(agentview[12:36, :24].copy())], 32)[0])
+
+    base = train_policy(train_config(sample_run, tmp_path, "base", steps=5, draft_steps=3))
+    zoomed = train_policy(train_config(sample_run, tmp_path, "zoomed", init_from=base["checkpoint"], steps=2, lr=0.0,
+                                       draft_steps=2, draft_lr=0.0, model=tiny_model(agentview_crop=list(box))))
+    assert read_config(zoomed["checkpoint"]).agentview_crop == box
+    assert "agentview cropped to rows 0.25-0.75, columns 0-0.5" in (Path(zoomed["checkpoint"]) / "README.md").read_text()
+    a, b = load_policy(base["checkpoint"]), load_policy(zoomed["checkpoint"])
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    policy = RSDPolicy.from_pretrained(zoomed["checkpoint"])
+    observation = Observation(agentview=agentview, wrist=wrist, proprio=np.zeros(8, np.float32),
+                              instruction=TASK_NAMES[0], episode_key="libero_spatial/0/0", chunk_index=0, seed=0)
+    assert torch.equal(policy.preprocess([observation])[0][0], cropped)
+    assert policy.describe()["model_config"]["agentview_crop"] == box
+    for bad in ([0.5, 0.0, 0.5, 1.0], [0.0, 0.0, 1.0, 1.2], [0.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="agentview_crop="):
+            tiny_model(agentview_crop=bad)
+
+
 def test_init_from_grows_motion_feedback_that_starts_at_zero(sample_run, tmp_path):
     """--model.motion_feedback_dim=6 on a checkpoint without it: the grown model's prefix equals the
     checkpoint's whatever the feedback says, training builds the feedback from the samples (chunk

@@ -29,6 +29,12 @@ class RSDConfig:
     # so a checkpoint without it fine-tunes (`train_policy --init_from`) from identical outputs.
     conv_stem_channels: int = 0
     num_cameras: int = 2                  # third-person + wrist
+    # (top, left, bottom, right) fractions of the agentview frame kept before the resize; None: the
+    # whole frame. At 64x64 one pixel of the whole agentview is ~1.5 cm of table, while the expert
+    # places the gripper to ~1 cm: the robot base and the empty table near the camera take rows that
+    # a crop gives to the workspace instead. A processor setting: it changes no weight's shape, so a
+    # checkpoint without it fine-tunes with it (`train_policy --init_from`).
+    agentview_crop: tuple[float, float, float, float] | None = None
     # instruction: UTF-8 bytes, padded (and masked) to a fixed length
     max_instruction_tokens: int = 32
     # 0: every byte is a prefix position (max_instruction_tokens of them). k > 0: the bytes are
@@ -65,6 +71,12 @@ class RSDConfig:
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.agentview_crop is not None:
+            box = tuple(float(v) for v in self.agentview_crop)
+            object.__setattr__(self, "agentview_crop", box)   # JSON and the CLI give a list
+            if len(box) != 4 or not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
+                raise ValueError(f"agentview_crop={list(box)}; expected [top, left, bottom, right] fractions of "
+                                 f"the frame with 0 <= top < bottom <= 1 and 0 <= left < right <= 1")
         if self.conv_stem_channels < 0:
             raise ValueError(f"conv_stem_channels={self.conv_stem_channels}; expected 0 (no stem) or a width > 0")
         if self.conv_stem_channels and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):

@@ -234,9 +234,26 @@ class RSDModel(nn.Module):
         return out.last_hidden_state
 
 
-def preprocess_images(frames: list[torch.Tensor], image_size: int) -> torch.Tensor:
-    """frames: B*C uint8 tensors [h, w, 3] -> [B*C, 3, S, S] float in [-1, 1] (resized if needed)."""
-    x = torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0
+def preprocess_images(frames: list[torch.Tensor], image_size: int, num_cameras: int = 1,
+                      agentview_crop: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+    """frames: B*C uint8 tensors [h, w, 3], cameras minor (agentview first) -> [B*C, 3, S, S]
+    float in [-1, 1]: camera 0 cropped to `agentview_crop` (fractions), every frame resized to S."""
+    if agentview_crop is None:
+        return _to_policy_pixels(torch.stack(frames), image_size)
+    top, left, bottom, right = agentview_crop
+    per_camera = []
+    for camera in range(num_cameras):
+        x = torch.stack(frames[camera::num_cameras])
+        if camera == 0:
+            h, w = x.shape[1:3]
+            x = x[:, round(top * h):round(bottom * h), round(left * w):round(right * w)]
+        per_camera.append(_to_policy_pixels(x, image_size))
+    return torch.stack(per_camera, dim=1).flatten(0, 1)
+
+
+def _to_policy_pixels(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """[N, h, w, 3] uint8 -> [N, 3, S, S] float in [-1, 1] (bilinear-antialias resize if needed)."""
+    x = x.permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x * 2.0 - 1.0

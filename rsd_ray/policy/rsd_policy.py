@@ -1,7 +1,8 @@
 """RSDPolicy: observations -> RFSQ tokens by the decoding engine -> action chunks.
 
 Processor (recorded by `describe()`): images uint8 [H, W, 3] -> float in [-1, 1], resized to
-the config's image size if needed (the env side already delivers 224x224); instruction ->
+the config's image size if needed (the env side already delivers 224x224; the agentview is first
+cropped to the config's `agentview_crop` when it has one); instruction ->
 UTF-8 bytes padded to a fixed length with a mask; proprio [8] -> q01/q99 normalised and
 clipped; actions = RFSQ decode (raw env units, the tokenizer un-normalises), gripper passed
 through as decoded.
@@ -24,7 +25,8 @@ from rsd_ray.policy.draft import DraftModel
 from rsd_ray.policy.modeling_rsd import RSDModel, preprocess_images, tokenize_instructions
 from rsd_ray.policy.motion_feedback import motion_feedback
 
-PROCESSOR = ("rsd_ray.rsd/1: images uint8->[-1,1] (bilinear-antialias resize to image_size if needed); "
+PROCESSOR = ("rsd_ray.rsd/1: images uint8->[-1,1] (agentview cropped to agentview_crop when set, "
+             "bilinear-antialias resize to image_size if needed); "
              "instruction utf-8 bytes padded+masked; proprio bounds_q99 clipped; actions RFSQ decode (raw units)")
 
 
@@ -82,7 +84,8 @@ class RSDPolicy(Policy):
                     raise ValueError(f"observation {i} ({obs.episode_key}): {name} has shape {img.shape} dtype "
                                      f"{img.dtype}; expected [H, W, 3] uint8")
                 frames.append(torch.from_numpy(np.ascontiguousarray(img)))
-        images = preprocess_images(frames, c.image_size).unflatten(0, (len(observations), c.num_cameras))
+        images = preprocess_images(frames, c.image_size, c.num_cameras, c.agentview_crop).unflatten(
+            0, (len(observations), c.num_cameras))
         ids, mask = tokenize_instructions([o.instruction for o in observations], c.max_instruction_tokens)
         proprio = []
         for i, obs in enumerate(observations):

@@ -138,7 +138,8 @@ def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStat
     for lo in range(0, n, batch_size):
         frames = [torch.from_numpy(decode_png(pngs[c][i])) for i in range(lo, min(n, lo + batch_size))
                   for c in range(len(CAMERA_COLUMNS))]
-        images.append(preprocess_images(frames, config.image_size).unflatten(0, (-1, config.num_cameras)))
+        images.append(preprocess_images(frames, config.image_size, config.num_cameras,
+                                        config.agentview_crop).unflatten(0, (-1, config.num_cameras)))
     instructions = table.column("instruction").to_pylist()
     ids, mask = tokenize_instructions(instructions, config.max_instruction_tokens)
     raw_proprio = np.asarray(table.column("proprio").to_pylist(), dtype=np.float32)
