@@ -8,8 +8,8 @@ same in y): b = 1 means the hand goes where the object is, b = 0 that it goes to
 whatever the init state. `err_sd` is the spread of (eef - object) across trials: the error a
 memorised path makes grows with the object's own spread. The scripted expert (`--policy expert`)
 is the reference: its slopes are ~1 by construction. Per task it also projects 2.5 cm of object
-travel (at the object's mean position) into the 64x64 agentview image, the pixels a policy has to
-tell apart. Prints a table, writes JSON.
+travel (at the object's mean position) into the 64x64 agentview image the policy sees (after its
+`agentview_crop`, if its config has one), the pixels it has to tell apart. Prints a table, writes JSON.
 
   python bench/approach_tracking.py --checkpoint checkpoints/default_policy --tasks 4 9 --trials 30-37
   python bench/approach_tracking.py --policy expert --tasks 9 --trials 30-37
@@ -71,9 +71,11 @@ def fit_tracking(rows: list[dict[str, Any]], chunk: int) -> dict[str, float] | N
     return out
 
 
-def agentview_px_per_travel(suite: str, task: int, trial: int, point: np.ndarray) -> dict[str, float]:
+def agentview_px_per_travel(suite: str, task: int, trial: int, point: np.ndarray,
+                            crop: tuple[float, float, float, float] | None = None) -> dict[str, float]:
     """Image displacement (px, at AGENTVIEW_PX) of TRAVEL_M of world x and y travel at `point`,
-    by a pinhole projection with the agentview camera's pose and fovy read from the sim."""
+    by a pinhole projection with the agentview camera's pose and fovy read from the sim; with a
+    (top, left, bottom, right) crop, in the cropped frame resized to AGENTVIEW_PX."""
     from rsd_ray.env.libero_env import LiberoTaskEnv, load_task
     env = LiberoTaskEnv(load_task(suite, task))
     try:
@@ -85,9 +87,12 @@ def agentview_px_per_travel(suite: str, task: int, trial: int, point: np.ndarray
     finally:
         env.close()
 
+    top, left, bottom, right = crop or (0.0, 0.0, 1.0, 1.0)
+    zoom = np.array([1.0 / (right - left), 1.0 / (bottom - top)])     # (columns, rows)
+
     def pixel(p: np.ndarray) -> np.ndarray:
         c = rot.T @ (p - pos)               # MuJoCo camera frame: x right, y up, looking down -z
-        return np.array([focal * c[0] / -c[2], -focal * c[1] / -c[2]])
+        return zoom * np.array([focal * c[0] / -c[2], -focal * c[1] / -c[2]])
 
     return {f"px_per_{TRAVEL_M * 100:g}cm_{name}": float(np.linalg.norm(pixel(point + TRAVEL_M * np.eye(3)[axis]) - pixel(point)))
             for axis, name in ((0, "x"), (1, "y"))}
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     policy_config = (PolicyConfig(kind="expert") if args.policy == "expert"
                      else PolicyConfig(kind="rsd", checkpoint=args.checkpoint))
     recorder = _Recorder(build_policy(policy_config, DecodeConfig(mode="autoregressive")))
+    config = getattr(recorder.policy, "config", None)
+    crop = getattr(config, "agentview_crop", None)
     runner = EpisodeRunner(EnvConfig(suite=args.suite, max_steps=args.steps), inline_client(recorder),
                            needs_privileged_state=True, record_chunks=False)
     table = []
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in recorder.rows if r["key"].startswith(prefix)]
         if rows:
             mean_object = np.mean([r["object"] for r in rows], axis=0)
-            image_scale[task] = agentview_px_per_travel(args.suite, task, args.trials[0], mean_object)
+            image_scale[task] = agentview_px_per_travel(args.suite, task, args.trials[0], mean_object, crop)
             print(f"task {task}: {TRAVEL_M * 100:g} cm of object travel = "
                   + ", ".join(f"{v:.2f} px ({k[-1]})" for k, v in image_scale[task].items()) + " in agentview")
         for chunk in args.chunks:
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"bench/results/approach_tracking_{name}_cpu.json"
     path = write_json(out, {"benchmark": "approach_tracking", "policy": args.policy, "checkpoint": args.checkpoint,
                             "suite": args.suite, "tasks": args.tasks, "trials": args.trials, "steps": args.steps,
-                            "seed": args.seed, "command": " ".join(sys.argv), "table": table, "agentview_px": image_scale, "observations": recorder.rows})
+                            "seed": args.seed, "command": " ".join(sys.argv), "table": table, "agentview_crop": crop,
+                            "agentview_px": image_scale, "observations": recorder.rows})
     print(f"wrote {path}")
     return 0
 
