@@ -95,6 +95,11 @@ class TrainPolicyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     shift_px: int = 3                # random image translation (augmentation); 0 = off
+    # One probability per camera (agentview, wrist), or [] (off): each training sample's image of
+    # that camera is blanked with that probability. A policy fitted on both views can lean on the
+    # wrist view alone (bench/image_reliance.py: swapping v5's agentview between episodes moves none
+    # of its predictions); blanking the wrist view now and then makes the agentview carry the loss.
+    camera_dropout: list[float] = field(default_factory=list)
     # > 0: add this weight times an auxiliary regression of the samples' goal_offsets (goal object
     # and target relative to the hand, recorded from privileged state by collect_demos) from the
     # block-0 hidden states (rsd_ray.policy.training.GoalOffsetHead); unlabelled rows are skipped.
@@ -145,6 +150,10 @@ class TrainPolicyConfig:
                              f"{self.model.num_rfsq_layers} non-negative weights, not all zero")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train_policy: ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1)")
+        if self.camera_dropout and (len(self.camera_dropout) != self.model.num_cameras
+                                    or not all(0.0 <= p < 1.0 for p in self.camera_dropout)):
+            raise ValueError(f"train_policy: camera_dropout={self.camera_dropout}; expected [] (off) or one "
+                             f"probability in [0, 1) per camera ({self.model.num_cameras}: agentview, wrist)")
         if self.goal_offset_weight < 0:
             raise ValueError(f"train_policy: goal_offset_weight={self.goal_offset_weight}; expected >= 0 (0: off)")
         if self.draft_steps < 0:
@@ -355,7 +364,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.checkpoint import ProprioStats, save_policy
     from rsd_ray.policy.draft import DraftModel
     from rsd_ray.policy.modeling_rsd import RSDModel
-    from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions,
+    from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions, drop_cameras,
                                          draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
                                          labelled_rows, proprio_stats, samples_fingerprint, sort_samples,
                                          teacher_forced_logits, token_losses, GoalOffsetHead)
@@ -486,6 +495,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, config.steps, config.lr, config.warmup_steps)
             images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px, gen)
+            if config.camera_dropout:
+                images = drop_cameras(images, config.camera_dropout, gen)
             logits, h0 = teacher_forced_logits(model, images, ids, mask, prop, tokens)
             ce, acc = token_losses(logits, tokens)
             loss = (ce * weights).sum()
@@ -654,6 +665,8 @@ def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"
     if config.ema_decay:
         kept_because = f"an exponential moving average of the weights, decay {config.ema_decay}; " + kept_because
+    cut = (f" (cut by max_minutes at {f['main_cut_at_step']})" if f.get('main_cut_at_step') is not None
+           else "")
     crop = (f" (agentview cropped to rows {m.agentview_crop[0]:g}-{m.agentview_crop[2]:g}, columns "
             f"{m.agentview_crop[1]:g}-{m.agentview_crop[3]:g} of the frame first)" if m.agentview_crop else "")
     return f"""# RSD policy checkpoint `{Path(config.out_dir).name}`
@@ -690,7 +703,7 @@ The `parallel` decoding mode's query blocks are NOT trained: use `autoregressive
   {f.get('arm_mse', float('nan')):.4g}, gripper sign agreement {f.get('gripper_sign_agreement', float('nan')):.3f}
 - draft vs main greedy tokens, agreement per layer: {f.get('draft_token_agreement_per_layer')};
   mean exact-accepted prefix (layers) {f.get('draft_exact_prefix_layers_mean')}
-- main phase: {f['step']} of {config.steps} steps (cut by max_minutes at {f.get('main_cut_at_step')}), batch {config.batch_size};
+- main phase: {f['step']} of {config.steps} steps{cut}, batch {config.batch_size};
   weights kept from step {f.get('weights_from_step')} ({kept_because}; CE weighted per layer by {config.layer_weights})
 - wall: main {results['main_s']} s, draft {results['draft_s']} s ({results['threads']} torch thread(s), CPU)
 """

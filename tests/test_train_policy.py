@@ -508,3 +508,26 @@ def test_goal_offset_auxiliary_loss_learns_and_resumes(tmp_path):
     unlabelled = write_sample_run(tmp_path / "unlabelled", run_id="unlabelled")
     with pytest.raises(ValueError, match="no training sample .* has goal_offsets"):
         train_policy(train_config(unlabelled, tmp_path, "aux_none", **common))
+
+
+def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tmp_path):
+    """--camera_dropout=[0, p]: the wrist image of about p of the rows is blank (0, mid grey), the
+    agentview never; the same generator draws the same rows (resume draws what an uninterrupted run
+    would); a list that is not one probability in [0, 1) per camera is refused; a run trains with it."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.training import drop_cameras
+
+    images = torch.rand(4000, 2, 3, 4, 4) * 2 - 1
+    out = drop_cameras(images, [0.0, 0.3], torch.Generator().manual_seed(1))
+    blank = out.flatten(2).eq(0).all(dim=2)                                  # [B, C]
+    assert not blank[:, 0].any() and torch.equal(out[:, 0], images[:, 0])
+    assert 0.27 < blank[:, 1].float().mean() < 0.33
+    assert torch.equal(out[~blank[:, 1], 1], images[~blank[:, 1], 1])
+    assert torch.equal(out, drop_cameras(images, [0.0, 0.3], torch.Generator().manual_seed(1)))
+    for bad in ([0.5], [0.0, 1.0], [-0.1, 0.2]):
+        with pytest.raises(ValueError, match="camera_dropout="):
+            train_config(sample_run, tmp_path, "bad", camera_dropout=bad)
+    trained = train_policy(train_config(sample_run, tmp_path, "dropout", steps=4, draft_steps=2,
+                                        camera_dropout=[0.0, 0.5]))
+    assert Path(trained["checkpoint"]).is_dir()

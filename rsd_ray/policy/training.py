@@ -123,6 +123,14 @@ def random_shift(images: torch.Tensor, shift_px: int, generator: torch.Generator
     return out.unflatten(0, (B, C))
 
 
+def drop_cameras(images: torch.Tensor, probabilities: list[float], generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """images [B, C, 3, S, S] in [-1, 1] -> a copy where each row's camera c is blank (0, mid grey)
+    with probability probabilities[c], drawn independently per row and camera."""
+    drop = torch.rand(images.shape[:2], generator=generator) < torch.tensor(probabilities)
+    return images.masked_fill(drop[:, :, None, None, None].to(images.device), 0.0)
+
+
 def build_demo_tensors(table, config: RSDConfig, tokenizer, proprio: ProprioStats,
                        batch_size: int = 64) -> DemoTensors:
     """Decode every row of a SAMPLE_SCHEMA table: PNGs -> resized images (the same
