@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     gold = torch.from_numpy(action_chunks(table))
     partner = torch.tensor(partner_rows(table.column("task_id").to_pylist(), table.column("chunk_index").to_pylist(),
                                         demos.episode_keys))
-    paired = partner != torch.arange(len(partner))
-    index = torch.nonzero(paired).flatten()
+    index = torch.nonzero(partner != torch.arange(len(partner))).flatten()   # rows that have a partner
     print(f"[image_reliance] {len(demos)} samples, {len(index)} with a partner of the same task and chunk index")
 
     rows = []

@@ -513,7 +513,7 @@ def test_goal_offset_auxiliary_loss_learns_and_resumes(tmp_path):
 def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tmp_path):
     """--camera_dropout=[0, p]: the wrist image of about p of the rows is blank (0, mid grey), the
     agentview never; the same generator draws the same rows (resume draws what an uninterrupted run
-    would); a list that is not one probability in [0, 1) per camera is refused; a run trains with it."""
+    would); a list that is not one probability in [0, 1) per camera is refused; training applies it."""
     from train_policy import train_policy
 
     from rsd_ray.policy.training import drop_cameras
@@ -528,6 +528,9 @@ def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tm
     for bad in ([0.5], [0.0, 1.0], [-0.1, 0.2]):
         with pytest.raises(ValueError, match="camera_dropout="):
             train_config(sample_run, tmp_path, "bad", camera_dropout=bad)
-    trained = train_policy(train_config(sample_run, tmp_path, "dropout", steps=4, draft_steps=2,
-                                        camera_dropout=[0.0, 0.5]))
-    assert Path(trained["checkpoint"]).is_dir()
+    # the training loop applies it: same seed and batches, a different first-step loss than without it
+    plain = train_policy(train_config(sample_run, tmp_path, "plain", steps=2, draft_steps=2))
+    dropped = train_policy(train_config(sample_run, tmp_path, "dropout", steps=2, draft_steps=2,
+                                        camera_dropout=[0.0, 0.9]))
+    assert dropped["history"][0]["train_ce"] != pytest.approx(plain["history"][0]["train_ce"], rel=1e-6)
+    assert dropped["config"]["camera_dropout"] == [0.0, 0.9]
