@@ -43,8 +43,8 @@ from rsd_ray.policy.configuration_rsd import RSDConfig
 STATE_FILE = "train_state.pt"
 # Model fields an --init_from checkpoint may lack (value 0): they add modules whose output starts
 # at zero, so the grown model computes exactly what the checkpoint did; see GROWN_PREFIXES.
-GROWABLE_FIELDS = ("conv_stem_channels", "motion_feedback_dim")
-GROWN_PREFIXES = ("vision.stem.", "feedback_proj.")
+GROWABLE_FIELDS = ("conv_stem_channels", "motion_feedback_dim", "keypoints")
+GROWN_PREFIXES = ("vision.stem.", "feedback_proj.", "keypoints.", "keypoint_proj.")
 # Pooling the instruction (instruction_pool_tokens > 0) onto a checkpoint that read it byte by
 # byte *replaces* its byte embedding by a fresh InstructionPooler: everything else (vision,
 # proprio, blocks, backbone, head, draft) carries over, but the start is not the checkpoint's
@@ -104,6 +104,10 @@ class TrainPolicyConfig:
     # and target relative to the hand, recorded from privileged state by collect_demos) from the
     # block-0 hidden states (rsd_ray.policy.training.GoalOffsetHead); unlabelled rows are skipped.
     goal_offset_weight: float = 0.0
+    # Where that regression reads from: block0 (GoalOffsetHead, the block-0 hidden states) or
+    # keypoints (KeypointOffsetHead: the agentview's spatial-softmax keypoints + proprio only, so the
+    # loss trains the keypoint CNN to find the objects in the agentview; needs model.keypoints > 0).
+    goal_offset_source: str = "block0"
     # > 0: validate, select and ship an exponential moving average of the weights (this decay per
     # step) instead of the raw ones. Closed-loop success of raw weights swung 41-56 / 100 between
     # checkpoints of equal val CE; an average over the last ~1/(1-decay) steps is the usual cure.
@@ -154,6 +158,11 @@ class TrainPolicyConfig:
                                     or not all(0.0 <= p < 1.0 for p in self.camera_dropout)):
             raise ValueError(f"train_policy: camera_dropout={self.camera_dropout}; expected [] (off) or one "
                              f"probability in [0, 1) per camera ({self.model.num_cameras}: agentview, wrist)")
+        if self.goal_offset_source not in ("block0", "keypoints"):
+            raise ValueError(f"train_policy: goal_offset_source={self.goal_offset_source!r}; expected block0 or keypoints")
+        if self.goal_offset_source == "keypoints" and not self.model.keypoints:
+            raise ValueError("train_policy: goal_offset_source=keypoints needs a model with keypoints; set "
+                             "--model.keypoints=K (e.g. 16)")
         if self.goal_offset_weight < 0:
             raise ValueError(f"train_policy: goal_offset_weight={self.goal_offset_weight}; expected >= 0 (0: off)")
         if self.draft_steps < 0:
@@ -271,7 +280,8 @@ def _versions() -> dict[str, str]:
 def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, offset_head=None) -> dict[str, Any]:
     """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`; with
     `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows."""
-    from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, labelled_rows, teacher_forced_logits, token_losses
+    from rsd_ray.policy.training import (GOAL_OFFSET_SCALE_M, KeypointOffsetHead, labelled_rows, teacher_forced_logits,
+                                         token_losses)
 
     model.eval()
     ce_sum = acc_sum = 0.0
@@ -287,7 +297,11 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
             offsets = demos.goal_offsets[idx]
             labelled = labelled_rows(offsets)
             if labelled.any():
-                pred = offset_head(h0[labelled]) * GOAL_OFFSET_SCALE_M
+                if isinstance(offset_head, KeypointOffsetHead):
+                    keypoints = model.keypoints(images[labelled][:, :1])[:, 0]
+                    pred = offset_head(keypoints, proprio[labelled][:, :model.config.proprio_dim]) * GOAL_OFFSET_SCALE_M
+                else:
+                    pred = offset_head(h0[labelled]) * GOAL_OFFSET_SCALE_M
                 sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
                 num_labelled += int(labelled.sum())
     model.train()
@@ -367,7 +381,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions, drop_cameras,
                                          draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
                                          labelled_rows, proprio_stats, samples_fingerprint, sort_samples,
-                                         teacher_forced_logits, token_losses, GoalOffsetHead)
+                                         teacher_forced_logits, token_losses, GoalOffsetHead, KeypointOffsetHead,
+                                         keypoint_offset_loss)
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -441,9 +456,10 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             raise ValueError(f"train_policy: goal_offset_weight={config.goal_offset_weight} but no training sample "
                              f"in {config.data} has goal_offsets; record demonstrations with this version's "
                              f"jobs/collect_demos.py (privileged state), or set goal_offset_weight=0")
-        print(f"[train_policy] goal-offset auxiliary loss (weight {config.goal_offset_weight}) on {num_labelled} of "
-              f"{len(train_idx)} training samples")
-        offset_head = GoalOffsetHead(config.model.hidden_size)
+        print(f"[train_policy] goal-offset auxiliary loss (weight {config.goal_offset_weight}, from "
+              f"{config.goal_offset_source}) on {num_labelled} of {len(train_idx)} training samples")
+        offset_head = (KeypointOffsetHead(config.model.keypoints, config.model.proprio_dim)
+                       if config.goal_offset_source == "keypoints" else GoalOffsetHead(config.model.hidden_size))
     trained = list(model.parameters()) + (list(offset_head.parameters()) if offset_head is not None else [])
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     ema = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -501,7 +517,10 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             ce, acc = token_losses(logits, tokens)
             loss = (ce * weights).sum()
             if offset_head is not None:
-                offset_mse, _ = goal_offset_loss(offset_head, h0, demos.goal_offsets[idx])
+                if config.goal_offset_source == "keypoints":
+                    offset_mse, _ = keypoint_offset_loss(offset_head, model, images, prop, demos.goal_offsets[idx])
+                else:
+                    offset_mse, _ = goal_offset_loss(offset_head, h0, demos.goal_offsets[idx])
                 loss = loss + config.goal_offset_weight * offset_mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -660,6 +679,8 @@ def _readme(results: dict[str, Any], config: TrainPolicyConfig) -> str:
     if m.motion_feedback_dim:
         stem += (", motion feedback (the previous chunk's commanded vs achieved translation, "
                  "`rsd_ray/policy/motion_feedback.py`) added to the proprio token")
+    if m.keypoints:
+        stem += f", {m.keypoints} spatial-softmax keypoints per camera added to the proprio token"
     instruction = (f"{m.max_instruction_tokens} instruction bytes pooled into {m.instruction_pool_tokens} positions"
                    if m.instruction_pool_tokens else f"{m.max_instruction_tokens} instruction bytes")
     kept_because = "lowest weighted val CE" if config.keep_best else "the last step: keep_best=false"

@@ -534,3 +534,42 @@ def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tm
                                         camera_dropout=[0.0, 0.9]))
     assert dropped["history"][0]["train_ce"] != pytest.approx(plain["history"][0]["train_ce"], rel=1e-6)
     assert dropped["config"]["camera_dropout"] == [0.0, 0.9]
+
+
+def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
+    """--model.keypoints=K on a checkpoint without them: the grown model's prefix is exactly the
+    checkpoint's (zero last layer) and the keypoint CNN gets gradients; with
+    --goal_offset_source=keypoints the agentview keypoints alone (plus proprio) learn where the
+    square is (train MSE falls to a third), and asking for that source without keypoints is refused."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.checkpoint import load_policy
+    from rsd_ray.policy.modeling_rsd import RSDModel, tokenize_instructions
+
+    labelled = write_sample_run(tmp_path / "labelled", run_id="labelled", seed=5, goal_offsets=True)
+    base = train_policy(train_config(labelled, tmp_path, "base", steps=5, draft_steps=2))
+    grown_config = tiny_model(keypoints=4)
+    grown = train_policy(train_config(labelled, tmp_path, "grown", init_from=base["checkpoint"], steps=2, lr=0.0,
+                                      draft_steps=2, draft_lr=0.0, model=grown_config))
+    a, b = load_policy(base["checkpoint"]), load_policy(grown["checkpoint"])
+    assert b.config.keypoints == 4 and b.model.keypoints is not None
+    images = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    ids, mask = tokenize_instructions(["pick", "place", ""], 32)
+    proprio = torch.randn(3, 8)
+    assert torch.equal(a.model.encode_prefix(images, ids, mask, proprio)[0],
+                       b.model.encode_prefix(images, ids, mask, proprio)[0])
+    keypoints = b.model.keypoints(images)
+    assert keypoints.shape == (3, 2, 4, 2) and keypoints.abs().max() <= 1.0
+    model = RSDModel(grown_config)
+    model.keypoint_proj[-1].weight.data.normal_()
+    model.encode_prefix(images, ids, mask, proprio)[0].square().sum().backward()
+    assert model.keypoints.features[0].weight.grad.abs().sum() > 0
+
+    aux = train_policy(train_config(labelled, tmp_path, "aux", model=grown_config, goal_offset_weight=1.0,
+                                    goal_offset_source="keypoints", shift_px=0, steps=150, eval_every=75,
+                                    save_every=75, draft_steps=2, lr=3e-3))
+    mse = [h["train_offset_mse"] for h in aux["history"]]
+    assert np.mean(mse[-20:]) < 0.33 * np.mean(mse[:20]), mse
+    assert all("val_object_xy_rmse_cm" in h for h in aux["history"] if "val_ce" in h)
+    with pytest.raises(ValueError, match="goal_offset_source=keypoints needs a model with keypoints"):
+        train_config(labelled, tmp_path, "aux_no_keypoints", goal_offset_weight=1.0, goal_offset_source="keypoints")

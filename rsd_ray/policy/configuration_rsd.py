@@ -28,6 +28,13 @@ class RSDConfig:
     # borders, which is what localising a bowl to a centimetre needs. Its last conv starts at zero,
     # so a checkpoint without it fine-tunes (`train_policy --init_from`) from identical outputs.
     conv_stem_channels: int = 0
+    # > 0: this many spatial-softmax keypoints per camera (SpatialKeypoints): a small full-resolution
+    # CNN whose K feature maps are each turned into their expected (x, y) image coordinate, fed to the
+    # proprio token by an MLP whose last layer starts at zero (a checkpoint without it fine-tunes from
+    # identical outputs). A patch token says "something is in this 8x8 patch"; an expected
+    # coordinate moves continuously with the object, to a fraction of a pixel, which is the scale on
+    # which LIBERO's init states move a bowl at 64x64 (robomimic's visuomotor policies use the same).
+    keypoints: int = 0
     num_cameras: int = 2                  # third-person + wrist
     # (top, left, bottom, right) fractions of the agentview frame kept before the resize; None: the
     # whole frame. At 64x64 one pixel of the whole agentview is ~1.5 cm of table, while the expert
@@ -82,6 +89,8 @@ class RSDConfig:
         if self.conv_stem_channels and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"conv_stem_channels={self.conv_stem_channels} needs a power-of-two patch_size "
                              f"(stride-2 stages down to the patch grid); got patch_size={self.patch_size}")
+        if self.keypoints < 0:
+            raise ValueError(f"keypoints={self.keypoints}; expected 0 (off) or K > 0 keypoints per camera")
         if self.instruction_pool_tokens < 0:
             raise ValueError(f"instruction_pool_tokens={self.instruction_pool_tokens}; expected 0 (one position per "
                              f"byte) or k > 0 pooled positions")

@@ -68,6 +68,34 @@ def conv_stem(config: RSDConfig) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, config.vision_dim, kernel_size=3, stride=2, padding=1))
 
 
+class SpatialKeypoints(nn.Module):
+    """Images [B, C, 3, S, S] -> expected (x, y) in [-1, 1] of K soft-argmax maps per camera,
+    [B, C, K, 2] (Levine et al. 2016's spatial softmax, as in robomimic). Weights are shared by the
+    cameras; the temperature is learned, starting at 1."""
+
+    def __init__(self, config: RSDConfig, width: int = 16):
+        super().__init__()
+        k = config.keypoints
+        # full resolution, then one stride-2 stage: the maps keep half-pixel precision before the
+        # soft-argmax averages below it
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, kernel_size=3, padding=1), nn.GroupNorm(1, width), nn.GELU(),
+            nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1), nn.GroupNorm(1, 2 * width), nn.GELU(),
+            nn.Conv2d(2 * width, k, kernel_size=3, padding=1))
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        g = config.image_size // 2
+        coords = torch.linspace(-1.0, 1.0, g)
+        self.register_buffer("grid_x", coords[None, :].expand(g, g).reshape(-1), persistent=False)
+        self.register_buffer("grid_y", coords[:, None].expand(g, g).reshape(-1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, c = images.shape[:2]
+        maps = self.features(images.flatten(0, 1)).flatten(2)                   # [B*C, K, g*g]
+        weights = (maps / self.log_temperature.exp()).softmax(dim=-1)
+        xy = torch.stack([weights @ self.grid_x.to(weights.dtype), weights @ self.grid_y.to(weights.dtype)], dim=-1)
+        return xy.unflatten(0, (b, c))                                          # [B, C, K, 2]
+
+
 class VisionEncoder(nn.Module):
     """Patchify conv shared by the cameras (+ an optional residual CNN stem) + position and camera
     embeddings + MLP projector."""
@@ -144,6 +172,9 @@ class RSDModel(nn.Module):
         self.proprio_proj = nn.Sequential(nn.Linear(c.proprio_dim, H), nn.GELU(), nn.Linear(H, H))
         self.feedback_proj = (nn.Sequential(nn.Linear(c.motion_feedback_dim, H), nn.GELU(), nn.Linear(H, H))
                               if c.motion_feedback_dim else None)
+        self.keypoints = SpatialKeypoints(c) if c.keypoints else None
+        self.keypoint_proj = (nn.Sequential(nn.Linear(c.num_cameras * c.keypoints * 2, H), nn.GELU(), nn.Linear(H, H))
+                              if c.keypoints else None)
         self.backbone = backbone if backbone is not None else LlamaModel(backbone_config(c))
         std = c.initializer_range
         self.start_block = nn.Parameter(torch.randn(T, H) * std)         # block 0 input
@@ -164,6 +195,9 @@ class RSDModel(nn.Module):
             nn.init.normal_(self.feedback_proj[0].weight, std=std)
             nn.init.zeros_(self.feedback_proj[-1].weight)
             nn.init.zeros_(self.feedback_proj[-1].bias)
+        if self.keypoint_proj is not None:
+            nn.init.zeros_(self.keypoint_proj[-1].weight)
+            nn.init.zeros_(self.keypoint_proj[-1].bias)
         if self.instruction_embed is not None:
             nn.init.normal_(self.instruction_embed.weight, std=std)
         # `level offsets` turn a [.., D] token into D rows of token_embed
@@ -190,6 +224,8 @@ class RSDModel(nn.Module):
         state = self.proprio_proj(proprio[:, :c.proprio_dim].contiguous())
         if self.feedback_proj is not None:
             state = state + self.feedback_proj(proprio[:, c.proprio_dim:])
+        if self.keypoints is not None:
+            state = state + self.keypoint_proj(self.keypoints(images).flatten(1))
         state = state[:, None]                                          # [B, 1, H]
         instruction_mask = instruction_mask.to(patches.device)
         if self.instruction_pool is not None:

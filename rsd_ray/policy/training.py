@@ -197,6 +197,38 @@ class GoalOffsetHead(nn.Module):
         return self.readout(block0_hidden.mean(dim=1))
 
 
+class KeypointOffsetHead(nn.Module):
+    """Training-only: the agentview's spatial-softmax keypoints [B, K, 2] and the normalised proprio
+    [B, 8] -> goal_offsets [B, 6] / 10 cm, through a small MLP.
+
+    Read from the agentview keypoints alone, not the block-0 states: a probe on those (v11) learned
+    the offsets while the model kept ignoring the agentview (bench/image_reliance.py), since the
+    wrist view and the proprio already give the backbone most of them. Here the gradient reaches
+    only the keypoint CNN, which then has to find the goal object and its target in the agentview;
+    the hand's position comes from the proprio, as a third-person camera does not move with it."""
+
+    def __init__(self, num_keypoints: int, proprio_dim: int, width: int = 128):
+        super().__init__()
+        self.readout = nn.Sequential(nn.Linear(2 * num_keypoints + proprio_dim, width), nn.GELU(),
+                                     nn.Linear(width, width), nn.GELU(), nn.Linear(width, 6))
+
+    def forward(self, agentview_keypoints: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.cat([agentview_keypoints.flatten(1), proprio], dim=1))
+
+
+def keypoint_offset_loss(head: KeypointOffsetHead, model: RSDModel, images: torch.Tensor, proprio: torch.Tensor,
+                         offsets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """KeypointOffsetHead's mean squared error (10 cm units) over the labelled rows; (0, 0) if none.
+    The keypoints are computed again on camera 0 only: a few ms against the backbone's pass."""
+    labelled = labelled_rows(offsets)
+    if not labelled.any():
+        return head.readout[0].weight.sum() * 0.0, 0
+    keypoints = model.keypoints(images[labelled][:, :1])[:, 0]                     # [n, K, 2]
+    pred = head(keypoints, proprio[labelled][:, :model.config.proprio_dim])
+    target = offsets[labelled].to(pred.dtype) / GOAL_OFFSET_SCALE_M
+    return F.mse_loss(pred, target), int(labelled.sum())
+
+
 def labelled_rows(offsets: torch.Tensor) -> torch.Tensor:
     """[N, 6] goal offsets -> [N] bool: the rows that have a label (not NaN)."""
     return ~torch.isnan(offsets).any(dim=1)
