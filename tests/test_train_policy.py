@@ -570,6 +570,9 @@ def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
                                     save_every=75, draft_steps=2, lr=3e-3))
     mse = [h["train_offset_mse"] for h in aux["history"]]
     assert np.mean(mse[-20:]) < 0.33 * np.mean(mse[:20]), mse
-    assert all("val_object_xy_rmse_cm" in h for h in aux["history"] if "val_ce" in h)
+    # on held-out episodes too: the square's xy is uniform over +-18 cm per axis, so a readout that
+    # ignores the image (the mean) is ~15 cm off; the keypoints get it to ~4 cm
+    val_rmse = [h["val_object_xy_rmse_cm"] for h in aux["history"] if "val_ce" in h]
+    assert len(val_rmse) == 2 and val_rmse[-1] < 8.0, val_rmse
     with pytest.raises(ValueError, match="goal_offset_source=keypoints needs a model with keypoints"):
         train_config(labelled, tmp_path, "aux_no_keypoints", goal_offset_weight=1.0, goal_offset_source="keypoints")
