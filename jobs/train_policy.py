@@ -280,8 +280,7 @@ def _versions() -> dict[str, str]:
 def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, offset_head=None) -> dict[str, Any]:
     """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`; with
     `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows."""
-    from rsd_ray.policy.training import (GOAL_OFFSET_SCALE_M, KeypointOffsetHead, labelled_rows, teacher_forced_logits,
-                                         token_losses)
+    from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, labelled_rows, teacher_forced_logits, token_losses
 
     model.eval()
     ce_sum = acc_sum = 0.0
@@ -297,11 +296,8 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
             offsets = demos.goal_offsets[idx]
             labelled = labelled_rows(offsets)
             if labelled.any():
-                if isinstance(offset_head, KeypointOffsetHead):
-                    keypoints = model.keypoints(images[labelled][:, :1])[:, 0]
-                    pred = offset_head(keypoints, proprio[labelled][:, :model.config.proprio_dim]) * GOAL_OFFSET_SCALE_M
-                else:
-                    pred = offset_head(h0[labelled]) * GOAL_OFFSET_SCALE_M
+                head_inputs = offset_head.inputs(model, images, ids, proprio, h0)
+                pred = offset_head(*(x[labelled] for x in head_inputs)) * GOAL_OFFSET_SCALE_M
                 sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
                 num_labelled += int(labelled.sum())
     model.train()
@@ -381,8 +377,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions, drop_cameras,
                                          draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
                                          labelled_rows, proprio_stats, samples_fingerprint, sort_samples,
-                                         teacher_forced_logits, token_losses, GoalOffsetHead, KeypointOffsetHead,
-                                         keypoint_offset_loss)
+                                         teacher_forced_logits, token_losses, GoalOffsetHead, KeypointOffsetHead)
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -458,7 +453,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                              f"jobs/collect_demos.py (privileged state), or set goal_offset_weight=0")
         print(f"[train_policy] goal-offset auxiliary loss (weight {config.goal_offset_weight}, from "
               f"{config.goal_offset_source}) on {num_labelled} of {len(train_idx)} training samples")
-        offset_head = (KeypointOffsetHead(config.model.keypoints, config.model.proprio_dim)
+        offset_head = (KeypointOffsetHead(config.model.keypoints, config.model.proprio_dim,
+                                          torch.unique(demos.instruction_ids, dim=0))
                        if config.goal_offset_source == "keypoints" else GoalOffsetHead(config.model.hidden_size))
     trained = list(model.parameters()) + (list(offset_head.parameters()) if offset_head is not None else [])
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -517,10 +513,8 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             ce, acc = token_losses(logits, tokens)
             loss = (ce * weights).sum()
             if offset_head is not None:
-                if config.goal_offset_source == "keypoints":
-                    offset_mse, _ = keypoint_offset_loss(offset_head, model, images, prop, demos.goal_offsets[idx])
-                else:
-                    offset_mse, _ = goal_offset_loss(offset_head, h0, demos.goal_offsets[idx])
+                offset_mse, _ = goal_offset_loss(offset_head, offset_head.inputs(model, images, ids, prop, h0),
+                                                 demos.goal_offsets[idx])
                 loss = loss + config.goal_offset_weight * offset_mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -483,10 +483,10 @@ def test_goal_offset_loss_skips_unlabelled_rows():
     head = GoalOffsetHead(8)
     hidden = torch.randn(3, 4, 8, requires_grad=True)
     offsets = torch.tensor([[0.1] * 6, [float("nan")] * 6, [0.2] * 6])
-    loss, n = goal_offset_loss(head, hidden, offsets)
+    loss, n = goal_offset_loss(head, (hidden,), offsets)
     expected = torch.nn.functional.mse_loss(head(hidden[[0, 2]]), offsets[[0, 2]] / 0.1)
     assert n == 2 and torch.allclose(loss, expected)
-    none, n = goal_offset_loss(head, hidden, torch.full((3, 6), float("nan")))
+    none, n = goal_offset_loss(head, (hidden,), torch.full((3, 6), float("nan")))
     assert n == 0 and float(none.detach()) == 0.0
     none.backward()                                   # an all-unlabelled batch still steps
 

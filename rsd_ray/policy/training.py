@@ -193,38 +193,60 @@ class GoalOffsetHead(nn.Module):
         super().__init__()
         self.readout = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 6))
 
+    @staticmethod
+    def inputs(model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor, proprio: torch.Tensor,
+               block0_hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What forward reads, out of one batch's model inputs and block-0 states."""
+        return (block0_hidden,)
+
     def forward(self, block0_hidden: torch.Tensor) -> torch.Tensor:
         return self.readout(block0_hidden.mean(dim=1))
 
 
 class KeypointOffsetHead(nn.Module):
-    """Training-only: the agentview's spatial-softmax keypoints [B, K, 2] and the normalised proprio
-    [B, 8] -> goal_offsets [B, 6] / 10 cm, through a small MLP.
+    """Training-only: the agentview's spatial-softmax keypoints [B, K, 2], the normalised proprio
+    [B, 8] and which instruction -> goal_offsets [B, 6] / 10 cm, through a small MLP.
 
-    Read from the agentview keypoints alone, not the block-0 states: a probe on those (v11) learned
-    the offsets while the model kept ignoring the agentview (bench/image_reliance.py), since the
-    wrist view and the proprio already give the backbone most of them. Here the gradient reaches
-    only the keypoint CNN, which then has to find the goal object and its target in the agentview;
-    the hand's position comes from the proprio, as a third-person camera does not move with it."""
+    Read from the agentview keypoints, not the block-0 states: a probe on those (v11) learned the
+    offsets while the model kept ignoring the agentview (bench/image_reliance.py), since the wrist
+    view and the proprio already give the backbone most of them. Here the gradient reaches only the
+    keypoint CNN, which then has to find the objects in the agentview; the hand's position comes
+    from the proprio, as a third-person camera does not move with it. The instruction is needed
+    because it alone says *which* of a scene's two black bowls is the goal object; an embedding per
+    distinct instruction of the training data is enough for a head that never leaves training."""
 
-    def __init__(self, num_keypoints: int, proprio_dim: int, width: int = 128):
+    def __init__(self, num_keypoints: int, proprio_dim: int, instructions: torch.Tensor, width: int = 128):
         super().__init__()
-        self.readout = nn.Sequential(nn.Linear(2 * num_keypoints + proprio_dim, width), nn.GELU(),
-                                     nn.Linear(width, width), nn.GELU(), nn.Linear(width, 6))
+        # the distinct instruction_ids rows of the data (torch.unique: sorted, so a resumed run
+        # rebuilds the same order); not saved with the head, the data re-supplies them
+        self.register_buffer("instructions", instructions.clone(), persistent=False)
+        self.observation = nn.Linear(2 * num_keypoints + proprio_dim, width)
+        self.instruction = nn.Embedding(len(instructions), width)
+        self.readout = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 6))
 
-    def forward(self, agentview_keypoints: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
-        return self.readout(torch.cat([agentview_keypoints.flatten(1), proprio], dim=1))
+    @staticmethod
+    def inputs(model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor, proprio: torch.Tensor,
+               block0_hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keypoints of camera 0 only (computed again: a few ms against the backbone's pass)."""
+        return model.keypoints(images[:, :1])[:, 0], proprio[:, :model.config.proprio_dim], instruction_ids
+
+    def forward(self, agentview_keypoints: torch.Tensor, proprio: torch.Tensor,
+                instruction_ids: torch.Tensor) -> torch.Tensor:
+        match = (instruction_ids[:, None, :] == self.instructions[None]).all(dim=-1)       # [B, n]
+        if not match.any(dim=1).all():
+            raise ValueError("KeypointOffsetHead: an instruction that is not among the training data's")
+        x = self.observation(torch.cat([agentview_keypoints.flatten(1), proprio], dim=1))
+        return self.readout(x + self.instruction(match.float().argmax(dim=1)))
 
 
-def keypoint_offset_loss(head: KeypointOffsetHead, model: RSDModel, images: torch.Tensor, proprio: torch.Tensor,
-                         offsets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """KeypointOffsetHead's mean squared error (10 cm units) over the labelled rows; (0, 0) if none.
-    The keypoints are computed again on camera 0 only: a few ms against the backbone's pass."""
+def goal_offset_loss(head: nn.Module, head_inputs: tuple[torch.Tensor, ...], offsets: torch.Tensor
+                     ) -> tuple[torch.Tensor, int]:
+    """Mean squared error in 10 cm units of `head(*head_inputs)` over the labelled rows of the
+    batch; (0, 0) if none."""
     labelled = labelled_rows(offsets)
     if not labelled.any():
-        return head.readout[0].weight.sum() * 0.0, 0
-    keypoints = model.keypoints(images[labelled][:, :1])[:, 0]                     # [n, K, 2]
-    pred = head(keypoints, proprio[labelled][:, :model.config.proprio_dim])
+        return sum(p.sum() for p in head.parameters()) * 0.0, 0
+    pred = head(*(x[labelled] for x in head_inputs))
     target = offsets[labelled].to(pred.dtype) / GOAL_OFFSET_SCALE_M
     return F.mse_loss(pred, target), int(labelled.sum())
 
@@ -232,17 +254,6 @@ def keypoint_offset_loss(head: KeypointOffsetHead, model: RSDModel, images: torc
 def labelled_rows(offsets: torch.Tensor) -> torch.Tensor:
     """[N, 6] goal offsets -> [N] bool: the rows that have a label (not NaN)."""
     return ~torch.isnan(offsets).any(dim=1)
-
-
-def goal_offset_loss(head: GoalOffsetHead, block0_hidden: torch.Tensor, offsets: torch.Tensor
-                     ) -> tuple[torch.Tensor, int]:
-    """Mean squared error in 10 cm units over the labelled rows of the batch; (0, 0) if none."""
-    labelled = labelled_rows(offsets)
-    if not labelled.any():
-        return block0_hidden.sum() * 0.0, 0
-    pred = head(block0_hidden[labelled])
-    target = offsets[labelled].to(pred.dtype) / GOAL_OFFSET_SCALE_M
-    return F.mse_loss(pred, target), int(labelled.sum())
 
 
 def check_instructions(instructions: Iterable[str], max_tokens: int) -> None:
