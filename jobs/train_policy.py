@@ -105,8 +105,9 @@ class TrainPolicyConfig:
     # block-0 hidden states (rsd_ray.policy.training.GoalOffsetHead); unlabelled rows are skipped.
     goal_offset_weight: float = 0.0
     # Where that regression reads from: block0 (GoalOffsetHead, the block-0 hidden states) or
-    # keypoints (KeypointOffsetHead: the agentview's spatial-softmax keypoints + proprio only, so the
-    # loss trains the keypoint CNN to find the objects in the agentview; needs model.keypoints > 0).
+    # keypoints (KeypointOffsetHead: the agentview's spatial-softmax keypoints, the proprio and which
+    # instruction, so the loss trains the keypoint CNN to find the objects in the agentview; needs
+    # model.keypoints > 0).
     goal_offset_source: str = "block0"
     # > 0: validate, select and ship an exponential moving average of the weights (this decay per
     # step) instead of the raw ones. Closed-loop success of raw weights swung 41-56 / 100 between
