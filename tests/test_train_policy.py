@@ -540,9 +540,9 @@ def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tm
 def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
     """--model.keypoints=K on a checkpoint without them: the grown model's prefix is exactly the
     checkpoint's (zero last layer) and the keypoint CNN gets gradients; with
-    --goal_offset_source=keypoints the agentview keypoints alone (plus proprio) learn where the
-    square (train MSE falls to a third, held-out xy error well below an image-blind readout's), and
-    asking for that source without keypoints is refused."""
+    --goal_offset_source=keypoints the agentview keypoints (with proprio and instruction) learn where
+    the square is (train MSE falls to a third, held-out xy error well below an image-blind
+    readout's), and asking for that source without keypoints is refused."""
     from train_policy import train_policy
 
     from rsd_ray.policy.modeling_rsd import RSDModel, tokenize_instructions
@@ -574,3 +574,20 @@ def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
     assert len(val_rmse) == 2 and val_rmse[-1] < 8.0, val_rmse
     with pytest.raises(ValueError, match="goal_offset_source=keypoints needs a model with keypoints"):
         train_config(labelled, tmp_path, "aux_no_keypoints", goal_offset_weight=1.0, goal_offset_source="keypoints")
+
+
+def test_keypoint_offset_head_tells_instructions_apart_and_refuses_unknown_ones():
+    """Which black bowl is the goal depends on the instruction alone: the same keypoints and proprio
+    under two instructions of the data give two readouts; an instruction the data lacks is an error,
+    not a silent fallback to another instruction's embedding."""
+    from rsd_ray.policy.modeling_rsd import tokenize_instructions
+    from rsd_ray.policy.training import KeypointOffsetHead
+
+    known, _ = tokenize_instructions(["pick the bowl next to the plate", "pick the bowl on the stove"], 40)
+    head = KeypointOffsetHead(num_keypoints=4, proprio_dim=8, instructions=torch.unique(known, dim=0))
+    keypoints, proprio = torch.rand(1, 4, 2).expand(2, -1, -1), torch.randn(1, 8).expand(2, -1)
+    out = head(keypoints, proprio, known)
+    assert out.shape == (2, 6) and not torch.allclose(out[0], out[1])
+    unknown, _ = tokenize_instructions(["pick the bowl on the cabinet"], 40)
+    with pytest.raises(ValueError, match="not among the training data"):
+        head(keypoints[:1], proprio[:1], unknown)
