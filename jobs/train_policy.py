@@ -95,6 +95,10 @@ class TrainPolicyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     shift_px: int = 3                # random image translation (augmentation); 0 = off
+    # One translation range per camera (agentview, wrist) in place of shift_px, or [] (shift_px for
+    # both). [0, 3] keeps the agentview's geometry, which the keypoints' goal-offset regression
+    # reads (3 px moves a bowl by ~5 cm there), while the wrist view is still augmented.
+    shift_px_per_camera: list[int] = field(default_factory=list)
     # One probability per camera (agentview, wrist), or [] (off): each training sample's image of
     # that camera is blanked with that probability. A policy fitted on both views can lean on the
     # wrist view alone (bench/image_reliance.py: swapping v5's agentview between episodes moves none
@@ -159,6 +163,11 @@ class TrainPolicyConfig:
                                     or not all(0.0 <= p < 1.0 for p in self.camera_dropout)):
             raise ValueError(f"train_policy: camera_dropout={self.camera_dropout}; expected [] (off) or one "
                              f"probability in [0, 1) per camera ({self.model.num_cameras}: agentview, wrist)")
+        if self.shift_px < 0 or self.shift_px_per_camera and (len(self.shift_px_per_camera) != self.model.num_cameras
+                                                              or min(self.shift_px_per_camera) < 0):
+            raise ValueError(f"train_policy: shift_px={self.shift_px}, shift_px_per_camera={self.shift_px_per_camera}; "
+                             f"expected shift_px >= 0 and [] or one range >= 0 per camera "
+                             f"({self.model.num_cameras}: agentview, wrist)")
         if self.goal_offset_source not in ("block0", "keypoints"):
             raise ValueError(f"train_policy: goal_offset_source={self.goal_offset_source!r}; expected block0 or keypoints")
         if self.goal_offset_source == "keypoints" and not self.model.keypoints:
@@ -507,7 +516,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
             idx = train_idx[torch.randint(len(train_idx), (config.batch_size,), generator=gen)]
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, config.steps, config.lr, config.warmup_steps)
-            images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px, gen)
+            images, ids, mask, prop, tokens = demos.batch(idx, config.shift_px_per_camera or config.shift_px, gen)
             if config.camera_dropout:
                 images = drop_cameras(images, config.camera_dropout, gen)
             logits, h0 = teacher_forced_logits(model, images, ids, mask, prop, tokens)

@@ -537,6 +537,38 @@ def test_camera_dropout_blanks_only_the_chosen_camera_at_its_rate(sample_run, tm
     assert dropped["config"]["camera_dropout"] == [0.0, 0.9]
 
 
+def test_per_camera_shift_moves_only_the_chosen_camera_within_its_range(sample_run, tmp_path):
+    """--shift_px_per_camera=[0, r]: the agentview is never moved (the keypoints' object regression
+    reads its geometry), each wrist image is one of the (2r+1)^2 edge-replicated translations and
+    all of them occur; an int range still moves both cameras; a wrong list is refused; training
+    applies it."""
+    import torch.nn.functional as F
+    from train_policy import train_policy
+
+    from rsd_ray.policy.training import random_shift
+
+    images = torch.rand(600, 2, 3, 8, 8)
+    out = random_shift(images, [0, 2], torch.Generator().manual_seed(3))
+    assert torch.equal(out[:, 0], images[:, 0])
+    padded = F.pad(images[:, 1], (2,) * 4, mode="replicate")
+    seen = set()
+    for row in range(len(images)):
+        matches = [(y, x) for y in range(5) for x in range(5)
+                   if torch.equal(out[row, 1], padded[row, :, y:y + 8, x:x + 8])]
+        assert matches, f"row {row}: the wrist image is not a translation within 2 px"
+        seen.update(matches)
+    assert len(seen) == 25
+    both = random_shift(images, 2, torch.Generator().manual_seed(3))
+    assert not torch.equal(both[:, 0], images[:, 0]) and not torch.equal(both[:, 1], images[:, 1])
+    for bad in ([3], [0, -1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="shift_px_per_camera="):
+            train_config(sample_run, tmp_path, "bad", shift_px_per_camera=bad)
+    plain = train_policy(train_config(sample_run, tmp_path, "plain", steps=2, draft_steps=2, shift_px=0))
+    shifted = train_policy(train_config(sample_run, tmp_path, "shifted", steps=2, draft_steps=2, shift_px=0,
+                                        shift_px_per_camera=[0, 3]))
+    assert shifted["history"][0]["train_ce"] != pytest.approx(plain["history"][0]["train_ce"], rel=1e-6)
+
+
 def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
     """--model.keypoints=K on a checkpoint without them: the grown model's prefix is exactly the
     checkpoint's (zero last layer) and the keypoint CNN gets gradients; with

@@ -102,24 +102,38 @@ class DemoTensors:
         return DemoTensors(self.images[index], self.instruction_ids[index], self.instruction_mask[index],
                            self.proprio[index], self.tokens[index], keys, offsets)
 
-    def batch(self, index: torch.Tensor, shift_px: int = 0, generator: torch.Generator | None = None
+    def batch(self, index: torch.Tensor, shift_px: int | list[int] = 0, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, ...]:
         """-> images [B, C, 3, S, S], ids [B, N_instr], mask [B, N_instr], proprio [B, state_dim], tokens [B, T, D, L].
         shift_px > 0: each image translated by a random whole number of pixels in [-shift_px, shift_px]
-        (edge-replicated), a cheap augmentation against overfitting a few hundred demonstrations."""
+        (edge-replicated), a cheap augmentation against overfitting a few hundred demonstrations;
+        a list gives each camera its own range (0: that camera untouched)."""
         images = self.images[index]
-        if shift_px > 0:
+        if max(_per_camera(shift_px, images.shape[1])) > 0:
             images = random_shift(images, shift_px, generator)
         return images, self.instruction_ids[index], self.instruction_mask[index], self.proprio[index], self.tokens[index]
 
 
-def random_shift(images: torch.Tensor, shift_px: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """images [B, C, 3, S, S] -> same shape, each (row, camera) shifted by its own random offset."""
+def _per_camera(shift_px: int | list[int], num_cameras: int) -> list[int]:
+    if isinstance(shift_px, int):
+        return [shift_px] * num_cameras
+    if len(shift_px) != num_cameras:
+        raise ValueError(f"shift_px={shift_px}: one range per camera expected ({num_cameras})")
+    return list(shift_px)
+
+
+def random_shift(images: torch.Tensor, shift_px: int | list[int], generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """images [B, C, 3, S, S] -> same shape, each (row, camera) shifted by its own random offset in
+    [-r, r] pixels, r = shift_px or shift_px[camera]."""
     B, C, _, S, _ = images.shape
+    ranges = torch.tensor(_per_camera(shift_px, C)).repeat(B)[:, None]            # [B*C, 1]
+    pad = int(ranges.max())
     flat = images.flatten(0, 1)                                                    # [B*C, 3, S, S]
-    padded = F.pad(flat, (shift_px,) * 4, mode="replicate")
-    offsets = torch.randint(0, 2 * shift_px + 1, (flat.shape[0], 2), generator=generator)
-    out = torch.stack([padded[i, :, y:y + S, x:x + S] for i, (y, x) in enumerate(offsets.tolist())])
+    padded = F.pad(flat, (pad,) * 4, mode="replicate")
+    draws = torch.rand((flat.shape[0], 2), generator=generator)
+    corners = pad - ranges + (draws * (2 * ranges + 1)).floor().long().clamp(max=2 * ranges)
+    out = torch.stack([padded[i, :, y:y + S, x:x + S] for i, (y, x) in enumerate(corners.tolist())])
     return out.unflatten(0, (B, C))
 
 
