@@ -558,6 +558,8 @@ def test_per_camera_shift_moves_only_the_chosen_camera_within_its_range(sample_r
         assert matches, f"row {row}: the wrist image is not a translation within 2 px"
         seen.update(matches)
     assert len(seen) == 25
+    gen = torch.Generator().manual_seed(3)                # no range: no draw, so later draws (dropout) stay put
+    assert random_shift(images, [0, 0], gen) is images and torch.equal(gen.get_state(), torch.Generator().manual_seed(3).get_state())
     both = random_shift(images, 2, torch.Generator().manual_seed(3))
     assert not torch.equal(both[:, 0], images[:, 0]) and not torch.equal(both[:, 1], images[:, 1])
     for bad in ([3], [0, -1], [1, 2, 3]):

@@ -108,9 +108,7 @@ class DemoTensors:
         shift_px > 0: each image translated by a random whole number of pixels in [-shift_px, shift_px]
         (edge-replicated), a cheap augmentation against overfitting a few hundred demonstrations;
         a list gives each camera its own range (0: that camera untouched)."""
-        images = self.images[index]
-        if max(_per_camera(shift_px, images.shape[1])) > 0:
-            images = random_shift(images, shift_px, generator)
+        images = random_shift(self.images[index], shift_px, generator)
         return images, self.instruction_ids[index], self.instruction_mask[index], self.proprio[index], self.tokens[index]
 
 
@@ -125,14 +123,20 @@ def _per_camera(shift_px: int | list[int], num_cameras: int) -> list[int]:
 def random_shift(images: torch.Tensor, shift_px: int | list[int], generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """images [B, C, 3, S, S] -> same shape, each (row, camera) shifted by its own random offset in
-    [-r, r] pixels, r = shift_px or shift_px[camera]."""
+    [-r, r] pixels, r = shift_px or shift_px[camera]; all ranges 0: the images themselves, no draw.
+    One draw per distinct range, so a single range draws exactly what it did before per-camera
+    ranges existed (earlier runs' commands reproduce their batches)."""
     B, C, _, S, _ = images.shape
-    ranges = torch.tensor(_per_camera(shift_px, C)).repeat(B)[:, None]            # [B*C, 1]
+    ranges = torch.tensor(_per_camera(shift_px, C)).repeat(B)                      # [B*C]
     pad = int(ranges.max())
+    if pad == 0:
+        return images
     flat = images.flatten(0, 1)                                                    # [B*C, 3, S, S]
     padded = F.pad(flat, (pad,) * 4, mode="replicate")
-    draws = torch.rand((flat.shape[0], 2), generator=generator)
-    corners = pad - ranges + (draws * (2 * ranges + 1)).floor().long().clamp(max=2 * ranges)
+    corners = torch.full((flat.shape[0], 2), pad, dtype=torch.long)              # range 0: unmoved
+    for r in sorted(set(ranges.tolist()) - {0}):
+        rows = ranges == r
+        corners[rows] = pad - r + torch.randint(0, 2 * r + 1, (int(rows.sum()), 2), generator=generator)
     out = torch.stack([padded[i, :, y:y + S, x:x + S] for i, (y, x) in enumerate(corners.tolist())])
     return out.unflatten(0, (B, C))
 
