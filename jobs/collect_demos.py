@@ -2,7 +2,7 @@
 
     python jobs/collect_demos.py --suites='[libero_spatial]' --task_ids='[0,1,2]' --num_trials=10
     python jobs/collect_demos.py --first_trial=10 --num_trials=20 --init_perturbation_m=0.015 \
-        --num_env_actors=2 --output_dir=runs/demos
+        --layout_seed=75 --num_env_actors=2 --output_dir=runs/demos
 
 Each suite becomes one normal run directory `<output_dir>/<run_name>-<suite>` (Ray actors,
 records, resume: re-running the same command only runs the missing episodes). Its `samples/`
@@ -23,7 +23,8 @@ holds the expert's corrections from states the learned policy actually reaches:
         --first_trial=0 --num_trials=20 --action_noise_std=0.1
 
 Movable objects are shifted by N(0, init_perturbation_m) metres after the trial's init state,
-so the demonstrations start away from the fixed evaluation states; pick `first_trial` so that
+drawn from (task, trial, layout_seed), so the demonstrations start away from the fixed
+evaluation states and each layout seed gives new ones; pick `first_trial` so that
 the evaluation trials you report are not among the collected ones either.
 """
 from __future__ import annotations
@@ -43,6 +44,10 @@ class CollectDemosConfig:
     first_trial: int = 10                  # trials first_trial.. (init state i, then perturbed)
     num_trials: int = 20
     init_perturbation_m: float = 0.015     # > 0: start states differ from the evaluation's
+    # New start layouts for each value. Unset, the shifts depend on (task, trial) only, as in runs
+    # recorded before this option: `seed` then changes nothing an expert without noise does, and
+    # a clean run repeats every earlier clean run of the same trials episode for episode.
+    layout_seed: int | None = None
     # > 0: DART. Executed actions get N(0, this) on the translation dims; samples keep the
     # expert's clean chunk, so the policy also learns how the expert recovers from drift.
     action_noise_std: float = 0.0
@@ -79,6 +84,7 @@ class CollectDemosConfig:
         return EvalConfig(
             env=EnvConfig(suite=suite, task_ids=self.task_ids, first_trial=self.first_trial,
                           num_trials=self.num_trials, init_perturbation_m=self.init_perturbation_m,
+                          init_layout_seed=self.layout_seed,
                           action_noise_std=self.action_noise_std, cameras="on"),
             policy=policy, decode=decode,
             records=RecordsConfig(output_dir=self.output_dir, run_name=f"{self.run_name}-{suite}",
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.cli import parse_or_exit
 
     config = parse_or_exit(CollectDemosConfig, argv)
+    if config.layout_seed is None and config.action_noise_std == 0 and config.learner is None:
+        print("collect_demos: no --layout_seed and no noise: these episodes repeat every earlier clean run of "
+              "the same trials exactly; pass --layout_seed=N for new start layouts", file=sys.stderr)
     rows = collect_demos(config)
     print(f"{'suite':<16} {'episodes':>8} {'demos':>6} {'samples':>8}  run_dir")
     for r in rows:

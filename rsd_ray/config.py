@@ -38,6 +38,10 @@ class EnvConfig:
     # Demonstrations only: shift movable objects by N(0, this) metres after the init state,
     # so recorded episodes start away from the evaluation trials' states. 0 for evaluation.
     init_perturbation_m: float = 0.0
+    # Which shifts: None draws them from (task, trial) alone, so every run of the same trials gets
+    # the same start layouts whatever its seed (runs recorded before this option); an int adds
+    # itself to that key, so each value (>= 1) gives new layouts around the same init states.
+    init_layout_seed: int | None = None
     # Demonstrations only (DART): add N(0, this) to the translation dims of every *executed*
     # action while samples keep the policy's clean chunk, so the data shows the expert
     # recovering from the small drifts a learned policy makes. 0 for evaluation.
@@ -65,6 +69,14 @@ class EnvConfig:
             raise ValueError(f"env.noop_action has {len(self.noop_action)} values; expected 7")
         if not 0.0 <= self.init_perturbation_m <= 0.1:
             raise ValueError(f"env.init_perturbation_m={self.init_perturbation_m}; expected 0..0.1 (metres)")
+        if self.init_layout_seed is not None and self.init_layout_seed < 1:
+            # 0 is refused because numpy's SeedSequence ignores trailing zeros: the key with 0 appended
+            # draws the unset layouts again.
+            raise ValueError(f"env.init_layout_seed={self.init_layout_seed}; expected >= 1 or unset (0 would repeat "
+                             f"the unset layouts)")
+        if self.init_layout_seed is not None and self.init_perturbation_m <= 0:
+            raise ValueError(f"env.init_layout_seed={self.init_layout_seed} has no effect with init_perturbation_m=0; "
+                             f"set a perturbation or leave the seed unset")
         if not 0.0 <= self.action_noise_std <= 1.0:
             raise ValueError(f"env.action_noise_std={self.action_noise_std}; expected 0..1 (in action units)")
         if not 1 <= self.execute_steps <= CHUNK_STEPS:
@@ -199,6 +211,8 @@ class EvalConfig:
             protocol["action_noise_std"] = e.action_noise_std
         if e.execute_steps != CHUNK_STEPS:
             protocol["execute_steps"] = e.execute_steps      # likewise: absent means the whole chunk
+        if e.init_layout_seed is not None:
+            protocol["init_layout_seed"] = e.init_layout_seed  # likewise: absent means the (task, trial) layouts
         return protocol
 
     def run_identity(self, checkpoint_hash: str) -> dict[str, Any]:

@@ -192,3 +192,49 @@ def test_env_crash_is_an_error_record_and_env_is_rebuilt(runner):
     assert ep["outcome"] == "error" and "simulated MuJoCo failure" in ep["error"]
     ep = run(runner, RecordingClient(), max_steps=8).episode
     assert ep["outcome"] == "timeout" and runner.num_envs_built == built + 1
+
+
+def test_layout_seed_gives_new_start_layouts_and_unset_keeps_the_older_runs():
+    """Demonstration start states: each `init_layout_seed` shifts the objects differently around the
+    same init state, reproducibly; unset gives the layouts every run recorded before the option
+    had (pinned here from that code: runs/demos/s71 and its seed-74 repeat start from them)."""
+    from rsd_ray.env.libero_env import LiberoTaskEnv, load_task
+
+    env = LiberoTaskEnv(load_task("libero_spatial", 0), use_cameras=False, init_perturbation_m=0.015,
+                        num_wait_steps=0)
+
+    def object_xy(layout_seed, perturbation=0.015):
+        env.init_layout_seed, env.init_perturbation_m = layout_seed, perturbation
+        env.start_trial(3)
+        sim = env.robosuite_env
+        return np.stack([sim.sim.data.get_joint_qpos(obj.joints[-1])[:2].copy()
+                         for name, obj in sorted(sim.objects_dict.items())
+                         if name not in sim.fixtures_dict and obj.joints])
+
+    try:
+        unperturbed = object_xy(None, perturbation=0.0)
+        legacy, seed75, seed75_again, seed76 = object_xy(None), object_xy(75), object_xy(75), object_xy(76)
+    finally:
+        env.close()
+    # akita_black_bowl_1 and plate_1 of libero_spatial task 0, trial 3, before the option existed
+    np.testing.assert_allclose(legacy[0], [-0.047589, 0.196003], atol=1e-6)
+    np.testing.assert_allclose(legacy[4], [0.045111, 0.224807], atol=1e-6)
+    np.testing.assert_array_equal(seed75, seed75_again)
+    for layout in (seed75, seed76):
+        shift = np.linalg.norm(layout - unperturbed, axis=1)
+        assert np.all(shift > 1e-4) and np.all(shift < 0.1), shift      # every object moved, by cm
+        assert np.abs(layout - legacy).min() > 1e-5                       # none where the old runs put it
+    assert np.abs(seed75 - seed76).min() > 1e-5
+
+
+def test_layout_seed_config_is_checked_and_kept_out_of_older_protocols():
+    from rsd_ray.config import EvalConfig
+
+    assert "init_layout_seed" not in EvalConfig(env=EnvConfig(init_perturbation_m=0.015)).protocol()
+    with_seed = EvalConfig(env=EnvConfig(init_perturbation_m=0.015, init_layout_seed=75))
+    assert with_seed.protocol()["init_layout_seed"] == 75
+    with pytest.raises(ValueError, match="init_layout_seed=3 has no effect"):
+        EnvConfig(init_layout_seed=3)
+    for bad in (0, -1):   # numpy's SeedSequence([..., 0]) is SeedSequence([...]): 0 would repeat unset
+        with pytest.raises(ValueError, match=f"init_layout_seed={bad}; expected >= 1"):
+            EnvConfig(init_perturbation_m=0.015, init_layout_seed=bad)

@@ -336,6 +336,9 @@ def test_collect_demos_config():
     assert ev.records.record_samples == "success" and ev.env.cameras == "on" and ev.policy.kind == "expert"
     assert (ev.env.suite, ev.env.task_ids, ev.env.first_trial, ev.env.num_trials) == ("libero_object", [0, 1], 10, 5)
     assert ev.env.init_perturbation_m == 0.02 and ev.run_name == "demos-libero_object"
+    assert ev.env.init_layout_seed is None and "init_layout_seed" not in ev.protocol()
+    seeded = CollectDemosConfig(layout_seed=75).eval_config("libero_spatial")
+    assert seeded.env.init_layout_seed == 75 and seeded.protocol()["init_layout_seed"] == 75
     with pytest.raises(ValueError, match="init_perturbation_m=0"):
         CollectDemosConfig(init_perturbation_m=0.0)
     with pytest.raises(ValueError, match="not a LIBERO suite"):

@@ -90,7 +90,7 @@ class EpisodeRunner:
             spec, render_size=self.config.render_size, num_wait_steps=self.config.num_wait_steps,
             noop_action=self.config.noop_action, skip_unused_renders=self.config.skip_unused_renders,
             soft_reset=self.config.reuse_env, use_cameras=self.use_cameras,
-            init_perturbation_m=self.config.init_perturbation_m)
+            init_perturbation_m=self.config.init_perturbation_m, init_layout_seed=self.config.init_layout_seed)
         self.num_envs_built += 1
         return self.task_env
 

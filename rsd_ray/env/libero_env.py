@@ -99,7 +99,7 @@ class LiberoTaskEnv:
     def __init__(self, spec: TaskSpec, *, render_size: int = 256, num_wait_steps: int = 10,
                  noop_action: list[float] | tuple[float, ...] = (0, 0, 0, 0, 0, 0, -1),
                  skip_unused_renders: bool = True, soft_reset: bool = True, use_cameras: bool = True,
-                 init_perturbation_m: float = 0.0):
+                 init_perturbation_m: float = 0.0, init_layout_seed: int | None = None):
         from libero.libero.envs import OffScreenRenderEnv
 
         self.spec = spec
@@ -107,6 +107,7 @@ class LiberoTaskEnv:
         self.noop_action = np.asarray(noop_action, dtype=np.float64)
         self.soft_reset = soft_reset
         self.init_perturbation_m = init_perturbation_m
+        self.init_layout_seed = init_layout_seed
         self.gate = RenderGate() if (skip_unused_renders and use_cameras) else None
         self._make_env = lambda: OffScreenRenderEnv(
             bddl_file_name=spec.bddl_path, camera_heights=render_size, camera_widths=render_size,
@@ -163,9 +164,13 @@ class LiberoTaskEnv:
 
     def _perturb_objects(self, trial: int) -> None:
         """Shift every movable object in x/y by N(0, init_perturbation_m): new start states for
-        demonstrations, away from the 50 fixed evaluation init states, and reproducible per key."""
+        demonstrations, away from the 50 fixed evaluation init states, and reproducible per key
+        (and per `init_layout_seed`, when set)."""
         sim_env = self.robosuite_env
-        rng = np.random.default_rng([self.spec.task_id, trial, 20261123])
+        key = [self.spec.task_id, trial, 20261123]
+        if self.init_layout_seed is not None:
+            key.append(self.init_layout_seed)   # appended: unset keeps the older runs' layouts exactly
+        rng = np.random.default_rng(key)
         for name, obj in sim_env.objects_dict.items():
             if name in sim_env.fixtures_dict or not obj.joints:
                 continue
