@@ -339,6 +339,8 @@ def test_collect_demos_config():
     assert ev.env.init_layout_seed is None and "init_layout_seed" not in ev.protocol()
     seeded = CollectDemosConfig(layout_seed=75).eval_config("libero_spatial")
     assert seeded.env.init_layout_seed == 75 and seeded.protocol()["init_layout_seed"] == 75
+    with pytest.raises(ValueError, match="layout_seed=0; expected >= 1"):
+        CollectDemosConfig(layout_seed=0)
     with pytest.raises(ValueError, match="init_perturbation_m=0"):
         CollectDemosConfig(init_perturbation_m=0.0)
     with pytest.raises(ValueError, match="not a LIBERO suite"):
