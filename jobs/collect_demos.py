@@ -70,9 +70,9 @@ class CollectDemosConfig:
         if self.init_perturbation_m <= 0:
             raise ValueError(f"collect_demos: init_perturbation_m={self.init_perturbation_m}; expected > 0 so the "
                              f"demonstrations do not start from the evaluation trials' init states")
-        if self.layout_seed is not None and self.layout_seed < 1:
-            raise ValueError(f"collect_demos: layout_seed={self.layout_seed}; expected >= 1 or unset (numpy's "
-                             f"SeedSequence ignores a trailing 0, so 0 would repeat the unset layouts)")
+        # The evaluator's configs check every env and policy field (layout seed, trials, learner
+        # directory): one rule in one place, and bad input stops before Ray starts.
+        self.eval_config(self.suites[0])
 
     def eval_config(self, suite: str):
         """The evaluator config that records this suite's demonstrations."""
