@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +98,51 @@ def test_mismatched_config_is_a_clear_error(checkpoint, tmp_path):
     (bad / "rsd_config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match="unknown RSDConfig field"):
         load_policy(bad)
+
+
+def test_average_of_fine_tunes_is_the_mean_of_their_weights_and_other_lineages_are_refused(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from rsd_ray.policy.checkpoint import ProprioStats, average_policies, save_policy
+    from rsd_ray.policy.draft import DraftModel
+    from rsd_ray.policy.modeling_rsd import RSDModel
+
+    base = load_policy(checkpoint)
+    torch.manual_seed(1)                     # "a fine-tune": other weights, same tokenizer and normalisation
+    other = save_policy(tmp_path / "other", RSDModel(base.config), DraftModel(base.config), base.tokenizer, base.proprio)
+    average_policies([checkpoint, other], tmp_path / "soup")
+    soup, b = load_policy(tmp_path / "soup"), load_policy(other)
+    for module in ("model", "draft"):
+        mine, theirs, averaged = (getattr(p, module).state_dict() for p in (base, b, soup))
+        assert any(not torch.equal(mine[name], theirs[name]) for name in mine)   # else the mean proves nothing
+        for name, value in averaged.items():
+            assert torch.equal(value, (mine[name] + theirs[name]) / 2), name
+    chunks = RSDPolicy.from_pretrained(tmp_path / "soup", DecodeSettings(mode="speculative")).predict(observations(2)).chunks
+    assert chunks.shape == (2, 8, 7) and np.isfinite(chunks).all()
+
+    with pytest.raises(FileExistsError, match="soup.* exists and is not empty"):
+        average_policies([checkpoint, other], tmp_path / "soup")
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from average_checkpoints import main
+    made = main(["--out", str(tmp_path / "soup_script"), str(checkpoint), str(other)])
+    training = json.loads((made / "training.json").read_text())
+    assert [e["path"] for e in training["averaged_from"]] == [str(checkpoint), str(other)]
+    assert training["command"].startswith("python scripts/average_checkpoints.py --out")
+    assert load_file(made / "heads.safetensors").keys() == load_file(tmp_path / "soup" / "heads.safetensors").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(made / "heads.safetensors").values(),
+                                                 load_file(tmp_path / "soup" / "heads.safetensors").values()))
+    with pytest.raises(ValueError, match="needs at least two"):
+        average_policies([checkpoint], tmp_path / "one")
+    save_policy(tmp_path / "other_proprio", b.model, b.draft, base.tokenizer, ProprioStats.identity(8))
+    with pytest.raises(ValueError, match="other_proprio/proprio_normalization.json differs"):
+        average_policies([checkpoint, tmp_path / "other_proprio"], tmp_path / "x")
+    other_tokens = build_random_checkpoint(tmp_path / "other_tokens", RSDConfig.tiny(), seed=3)
+    with pytest.raises(ValueError, match="other_tokens/rfsq is another RFSQ tokenizer"):
+        average_policies([checkpoint, other_tokens], tmp_path / "y")
+    bigger = build_random_checkpoint(tmp_path / "bigger", RSDConfig.tiny(draft_hidden=48), seed=0)
+    with pytest.raises(ValueError, match="bigger/rsd_config.json differs"):
+        average_policies([checkpoint, bigger], tmp_path / "z")
 
 
 def test_any_llama_causal_lm_directory_is_a_backbone(tmp_path):

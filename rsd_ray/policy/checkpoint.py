@@ -209,6 +209,41 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: str
                         draft.to(device=device, dtype=torch_type).eval(), tokenizer, proprio)
 
 
+def average_policies(sources: list[str | Path], out: str | Path) -> Path:
+    """A uniform average of the weights of several policies (a "model soup", Wortsman et al.
+    2022), written to `out` as a policy directory. Averaging is only meaningful between
+    fine-tunes of one checkpoint, so the sources must share their rsd_config.json, RFSQ
+    tokenizer and proprio normalisation; anything else is refused, naming what differs."""
+    from rsd_ray.decoding.rfsq import checkpoint_fingerprint
+
+    sources, out = [Path(s) for s in sources], Path(out)
+    if len(sources) < 2:
+        raise ValueError(f"average_policies: got {len(sources)} source(s); averaging needs at least two")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"average_policies: {str(out)!r} exists and is not empty; a stale file "
+                              f"there would end up in the averaged checkpoint")
+    first = sources[0]
+    loaded = [load_policy(first)]
+    for other in sources[1:]:
+        if read_config(other).to_dict() != loaded[0].config.to_dict():
+            raise ValueError(f"average_policies: {other / CONFIG_FILE} differs from {first / CONFIG_FILE}; "
+                             f"only fine-tunes of one checkpoint can be averaged")
+        if checkpoint_fingerprint(other / RFSQ_DIR) != checkpoint_fingerprint(first / RFSQ_DIR):
+            raise ValueError(f"average_policies: {other / RFSQ_DIR} is another RFSQ tokenizer than "
+                             f"{first / RFSQ_DIR}; the averaged policy's tokens would mean nothing")
+        policy = load_policy(other)
+        if policy.proprio != loaded[0].proprio:
+            raise ValueError(f"average_policies: {other / PROPRIO_FILE} differs from {first / PROPRIO_FILE}")
+        loaded.append(policy)
+    for module in ("model", "draft"):
+        states = [getattr(policy, module).state_dict() for policy in loaded]
+        # accumulated in float64: for two float32 sources this is (a + b) / 2 rounded once, exactly
+        mean = {k: (torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+                    if v.is_floating_point() else v) for k, v in states[0].items()}
+        getattr(loaded[0], module).load_state_dict(mean)
+    return save_policy(out, loaded[0].model, loaded[0].draft, loaded[0].tokenizer, loaded[0].proprio)
+
+
 # LIBERO proprio (eef pos, eef axis-angle, gripper qpos): rough bounds for random checkpoints
 RANDOM_PROPRIO_Q01 = [-0.4, -0.4, 0.0, -3.2, -3.2, -3.2, 0.0, -0.05]
 RANDOM_PROPRIO_Q99 = [0.4, 0.4, 1.4, 3.2, 3.2, 3.2, 0.05, 0.0]
