@@ -268,7 +268,10 @@ def _start_from_checkpoint(config: TrainPolicyConfig, rfsq_dir: Path) -> tuple[A
     shutil.copytree(source / RFSQ_DIR, rfsq_dir)
     previous = source / "training.json"
     history = json.loads(previous.read_text()) if previous.is_file() else {}
-    lineage = [{k: history.get(k) for k in ("command", "data", "data_fingerprint")}] + history.get("init_lineage", [])
+    start = {k: history.get(k) for k in ("command", "data", "data_fingerprint")}
+    if "averaged_from" in history:       # an average (scripts/average_checkpoints.py): keep its sources
+        start["averaged_from"] = history["averaged_from"]
+    lineage = [start] + history.get("init_lineage", [])
     metrics = {"copied_from": str(source), "val": history.get("rfsq_val"), "init_lineage": lineage}
     (rfsq_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"[train_policy] starting from {source}: its weights, RFSQ tokenizer and proprio normalisation")
@@ -673,6 +676,10 @@ def _lineage_text(lineage: list[dict[str, Any]]) -> str:
     lines = ["Fine-tuned (`--init_from`) from a checkpoint trained by, newest first:", ""]
     for item in lineage:
         lines += [f"- `{item.get('command')}` (data fingerprint `{item.get('data_fingerprint')}`)"]
+        for source in item.get("averaged_from", []):
+            training = source.get("training") or {}
+            lines += [f"  - averaged from `{source['path']}`, trained by `{training.get('command')}` "
+                      f"(data fingerprint `{training.get('data_fingerprint')}`)"]
     return "\n".join(lines) + "\n\n"
 
 

@@ -5,6 +5,7 @@ the token layout [B, T, D, L]."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -167,6 +168,16 @@ def test_init_from_keeps_tokenizer_proprio_and_weights(sample_run, tmp_path):
     assert tuned["num_episodes"] == 2 * base["num_episodes"] == 2 * NUM_TASKS * NUM_TRIALS
     assert tuned["rfsq_fingerprint"] == base["rfsq_fingerprint"]
     assert tuned["init_lineage"][0]["command"] == "base-cmd"
+    # an average of the two keeps both sources in the lineage of what is fine-tuned from it
+    from rsd_ray.policy.checkpoint import average_policies
+    soup = tmp_path / "soup"
+    average_policies([base["checkpoint"], tuned["checkpoint"]], soup)
+    (soup / "training.json").write_text(json.dumps({"command": "soup-cmd", "averaged_from": [
+        {"path": "base", "training": {"command": "base-cmd"}}, {"path": "tuned", "training": {"command": "tune-cmd"}}]}))
+    from_soup = train_policy(train_config(other, tmp_path, "from_soup", init_from=str(soup), steps=1, lr=0.0,
+                                          draft_steps=1, draft_lr=0.0), command="soup-tune-cmd")
+    assert [s["training"]["command"] for s in from_soup["init_lineage"][0]["averaged_from"]] == ["base-cmd", "tune-cmd"]
+    assert "averaged from `tuned`, trained by `tune-cmd`" in (Path(from_soup["checkpoint"]) / "README.md").read_text()
     assert tuned["data_fingerprint"] != base["data_fingerprint"]
     a, b = load_policy(base["checkpoint"]), load_policy(tuned["checkpoint"])
     assert a.proprio == b.proprio
