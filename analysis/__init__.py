@@ -17,6 +17,7 @@ from analysis.runs import (
     episodes_frame,
     load_run,
     load_runs,
+    merge_runs,
     resolve_run_dirs,
 )
 from analysis.stats import (
@@ -33,5 +34,6 @@ __all__ = [
     "EmptyRunError", "MixedProtocolError", "PairedComparison", "RecordsError", "Run", "Speedup",
     "acceptance_by_layer", "acceptance_stats", "check_same_protocol", "chunks_frame", "decode_label",
     "episodes_frame", "latency_breakdown", "latency_stats", "load_run", "load_runs", "mcnemar_exact_p",
-    "paired_comparison", "resolve_run_dirs", "run_summary", "speedup", "success_table", "wilson_interval",
+    "merge_runs", "paired_comparison", "resolve_run_dirs", "run_summary", "speedup", "success_table",
+    "wilson_interval",
 ]

@@ -2,8 +2,10 @@
 the four figures as PNG and a Markdown report, by default in the first run's `report/` folder.
 
 RUN_DIR may be a glob or a comma-separated list; with --baseline every run is also compared
-with the baseline on matched episode keys (speedup, flipped episodes). Exit status 2 with a
-one-line message for a bad run directory, an empty run or runs of different protocols.
+with the baseline on matched episode keys (speedup, flipped episodes). A baseline given as
+several runs over disjoint trials (a policy evaluated in pieces) is merged into one. Exit
+status 2 with a one-line message for a bad run directory, an empty run, runs of different
+protocols or baseline pieces that share an episode.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from typing import Sequence
 import pandas as pd
 
 from analysis.compare import PairedComparison, Speedup, paired_comparison, speedup
-from analysis.runs import MixedProtocolError, RecordsError, Run, check_same_protocol, load_run, load_runs
+from analysis.runs import (MixedProtocolError, RecordsError, Run, check_same_protocol, load_run, load_runs, merge_runs,
+                           resolve_run_dirs)
 from analysis.stats import acceptance_stats, latency_breakdown, latency_stats, run_summary, success_table
 
 REPORT_DIR = "report"
@@ -171,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rsd-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directory, glob or comma-separated list (several runs share the figures)")
-    parser.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against on matched episode keys")
+    parser.add_argument("--baseline", metavar="RUN_DIR",
+                        help="run to compare against on matched episode keys; a glob or comma-separated list "
+                             "of runs over disjoint trials is merged into one baseline")
     parser.add_argument("--out", metavar="DIR", help=f"output folder (default: FIRST_RUN_DIR/{REPORT_DIR})")
     parser.add_argument("--metric", default="policy_ms", help="chunk latency column (default policy_ms)")
     parser.add_argument("--allow-mixed-protocols", action="store_true",
@@ -186,12 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = load_runs(args.run_dirs)
         baseline = None
         if args.baseline:
-            baseline = load_run(args.baseline)
-            same = next((r for r in runs if r.path.resolve() == baseline.path.resolve()), None)
-            if same is not None:
-                baseline = same
-            elif baseline.label in {r.label for r in runs}:
-                baseline = load_run(args.baseline, label=f"{baseline.label} (baseline)")
+            baseline_dirs = resolve_run_dirs(args.baseline)
+            if len(baseline_dirs) > 1:
+                baseline = merge_runs(load_runs(baseline_dirs), allow_mixed_protocols=args.allow_mixed_protocols)
+            else:
+                baseline = load_run(baseline_dirs[0])
+                same = next((r for r in runs if r.path.resolve() == baseline.path.resolve()), None)
+                if same is not None:
+                    baseline = same
+                elif baseline.label in {r.label for r in runs}:
+                    baseline = load_run(baseline_dirs[0], label=f"{baseline.label} (baseline)")
         report = build_report(runs, baseline, metric=args.metric, allow_mixed_protocols=args.allow_mixed_protocols)
     except (RecordsError, MixedProtocolError, ValueError) as exc:
         print(f"rsd-report: error: {exc}", file=sys.stderr)

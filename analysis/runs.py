@@ -178,6 +178,33 @@ def load_runs(spec: str | Path | Iterable[str | Path], labels: Sequence[str] | N
     return [load_run(d, label=name) for d, name in zip(dirs, names)]
 
 
+def merge_runs(runs: Sequence[Run], label: str | None = None, allow_mixed_protocols: bool = False) -> Run:
+    """One Run out of runs that evaluated one policy in pieces (trials 30-39 and 40-49, say), so it
+    can be compared as a whole. Refuses runs recorded under different protocols, and runs that
+    share an episode key: merging them would count that episode twice."""
+    runs = _as_list(runs)
+    if len(runs) == 1 and label is None:
+        return runs[0]
+    check_same_protocol(runs, allow_mixed_protocols)
+    owner: dict[str, str] = {}
+    for run in runs:
+        for key in run.episodes["episode_key"]:
+            if key in owner:
+                raise RecordsError(f"runs {owner[key]!r} and {run.label!r} both hold episode {key!r}; merging "
+                                   f"them would count it twice. Merge runs over disjoint trials, or "
+                                   f"resume one run instead of starting a second over the same trials")
+            owner[key] = run.label
+    label = label or "+".join(r.label for r in runs)
+    manifest = dict(runs[0].manifest, run_id="+".join(r.run_id for r in runs),
+                    merged_from=[str(r.path) for r in runs])
+    notes = tuple(f"{r.label}: {n}" for r in runs for n in r.notes) + (
+        f"merged from {', '.join(str(r.path) for r in runs)}",)
+    episodes, chunks = episodes_frame(runs), chunks_frame(runs)
+    return Run(path=runs[0].path, label=label, manifest=manifest,
+               episodes=episodes.assign(run=pd.array([label] * len(episodes), dtype="string")),
+               chunks=chunks.assign(run=pd.array([label] * len(chunks), dtype="string")), notes=notes)
+
+
 def episodes_frame(runs: Run | Sequence[Run]) -> pd.DataFrame:
     """All runs' episode rows in one frame (the `run` column tells them apart)."""
     return _concat([r.episodes for r in _as_list(runs)])

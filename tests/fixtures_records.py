@@ -35,6 +35,7 @@ class SyntheticRun:
     suite: str = "libero_spatial"
     num_tasks: int = 3
     num_trials: int = 4
+    first_trial: int = 0                      # trials first_trial .. first_trial + num_trials - 1
     success_prob: float = 0.7
     latency_ms: float = 40.0                  # median policy latency per chunk
     num_chunks: int = 6
@@ -50,7 +51,8 @@ class SyntheticRun:
 
 
 def episode_keys(spec: SyntheticRun) -> list[str]:
-    return [f"{spec.suite}/{t}/{i}" for t in range(spec.num_tasks) for i in range(spec.num_trials)]
+    return [f"{spec.suite}/{t}/{i}" for t in range(spec.num_tasks)
+            for i in range(spec.first_trial, spec.first_trial + spec.num_trials)]
 
 
 def write_run(root: Path, spec: SyntheticRun) -> Path:

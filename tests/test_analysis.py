@@ -235,6 +235,79 @@ def test_mixed_protocols_are_refused_unless_allowed(tmp_path, capsys):
                         "--allow-mixed-protocols"]) == 0
 
 
+def test_a_baseline_evaluated_in_pieces_is_merged_without_double_counting(tmp_path, capsys):
+    """Trials 0-1 and 2-3 of the baseline were recorded as two runs; compared as one they match
+    every key of the run, and a second run over the same trials is refused, not counted twice."""
+    run = SyntheticRun("run", mode="autoregressive", num_tasks=2, num_trials=4)
+    keys = episode_keys(run)
+    run.outcomes = {k: "success" for k in keys}
+    first = SyntheticRun("base-t0", mode="autoregressive", num_tasks=2, num_trials=2)
+    second = SyntheticRun("base-t2", mode="autoregressive", num_tasks=2, num_trials=2, first_trial=2)
+    first.outcomes = {k: "timeout" if k.endswith("/0") else "success" for k in episode_keys(first)}
+    second.outcomes = {k: "timeout" for k in episode_keys(second)}
+    a, b1, b2 = (write_run(tmp_path, s) for s in (run, first, second))
+
+    merged = analysis.merge_runs(analysis.load_runs([b1, b2]))
+    assert merged.label == "base-t0+base-t2" and set(merged.episodes["run"]) == {merged.label}
+    assert sorted(merged.episodes["episode_key"]) == sorted(keys) and len(merged.chunks) == len(keys) * 6
+    cmp = analysis.paired_comparison(analysis.load_run(a), merged)
+    assert (cmp.num_matched, cmp.gained, cmp.lost, cmp.num_only_run) == (8, 6, 0, 0)
+
+    again = write_run(tmp_path / "again", first)
+    with pytest.raises(analysis.RecordsError, match="both hold episode 'libero_spatial/0/0'.*twice"):
+        analysis.merge_runs(analysis.load_runs([b1, again]))
+    other = write_run(tmp_path, SyntheticRun("base-t2-other", mode="autoregressive", num_tasks=2, num_trials=2,
+                                             first_trial=2, protocol_hash="proto-bbbb"))
+    with pytest.raises(analysis.MixedProtocolError):
+        analysis.merge_runs(analysis.load_runs([b1, other]))
+
+    assert report_main([str(a), "--baseline", f"{b1},{b2}", "--out", str(tmp_path / "r")]) == 0
+    paired = json.loads((tmp_path / "r" / "report.json").read_text())["tables"]["paired"]
+    assert [(p["baseline"], p["num_matched"], p["gained"]) for p in paired] == [("base-t0+base-t2", 8, 6)]
+    assert report_main([str(a), "--baseline", f"{b1},{again}", "--out", str(tmp_path / "r2")]) == 2
+    assert "count it twice" in capsys.readouterr().err
+
+
+def test_agreement_counts_how_many_policies_solve_each_key(tmp_path, capsys):
+    from analysis.agreement import agreement_tables, main as agreement_main, solved_matrix
+    spec = dict(mode="autoregressive", num_tasks=2, num_trials=2)
+    keys = episode_keys(SyntheticRun("x", **spec))  # libero_spatial/0/0, /0/1, /1/0, /1/1
+    solved_by = {"p": {keys[0], keys[1]}, "q": {keys[0], keys[2]}, "r": {keys[0]}}
+    dirs = {}
+    for name, solved in solved_by.items():
+        run = SyntheticRun(name, **spec)
+        run.outcomes = {k: "success" if k in solved else "timeout" for k in keys}
+        dirs[name] = write_run(tmp_path, run)
+    # q evaluated in two pieces over disjoint trials: merged back into one policy.
+    q0 = SyntheticRun("q-t0", **dict(spec, num_trials=1))
+    q1 = SyntheticRun("q-t1", **dict(spec, num_trials=1), first_trial=1)
+    for piece in (q0, q1):
+        piece.outcomes = {k: "success" if k in solved_by["q"] else "timeout" for k in episode_keys(piece)}
+    pieces = f"{write_run(tmp_path, q0)},{write_run(tmp_path, q1)}"
+
+    solved = solved_matrix({n: analysis.load_run(d) for n, d in dirs.items()})
+    tables = agreement_tables(solved)
+    assert tables["histogram"]["num_keys"].tolist() == [1, 2, 0, 1]  # keys solved by 0, 1, 2, 3 policies
+    tasks = tables["tasks"].set_index("task_id")
+    assert tasks.loc[0, ["all_solve", "none_solve", "mixed"]].tolist() == [1, 0, 1]
+    assert tasks.loc[1, ["all_solve", "none_solve", "mixed"]].tolist() == [0, 1, 1]
+    assert tables["policies"]["num_success"].tolist() == [2, 2, 1]
+
+    out = tmp_path / "agreement.json"
+    assert agreement_main([f"p={dirs['p']}", f"q={pieces}", f"r={dirs['r']}", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [h["num_keys"] for h in doc["histogram"]] == [1, 2, 0, 1] and len(doc["sources"]["q"]) == 2
+    assert doc["solved"][keys[2]] == [False, True, False]
+
+    assert agreement_main([f"p={dirs['p']}"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert agreement_main([f"p={dirs['p']}", str(dirs["q"])]) == 2
+    assert "not NAME=RUNS" in capsys.readouterr().err
+    other = write_run(tmp_path, SyntheticRun("other", **dict(spec, first_trial=5)))
+    assert agreement_main([f"p={dirs['p']}", f"o={other}"]) == 2
+    assert "share no episode key" in capsys.readouterr().err
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 def test_bad_foreign_and_empty_runs_give_clear_errors(tmp_path):

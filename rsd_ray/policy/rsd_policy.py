@@ -83,7 +83,10 @@ class RSDPolicy(Policy):
                 if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                     raise ValueError(f"observation {i} ({obs.episode_key}): {name} has shape {img.shape} dtype "
                                      f"{img.dtype}; expected [H, W, 3] uint8")
-                frames.append(torch.from_numpy(np.ascontiguousarray(img)))
+                # torch.from_numpy shares memory, and refuses (with a warning) to share a read-only
+                # array, such as a frame the episode sheet keeps: copy only those.
+                writable = img.flags.writeable and img.flags.c_contiguous
+                frames.append(torch.from_numpy(img if writable else np.array(img)))
         images = preprocess_images(frames, c.image_size, c.num_cameras, c.agentview_crop).unflatten(
             0, (len(observations), c.num_cameras))
         ids, mask = tokenize_instructions([o.instruction for o in observations], c.max_instruction_tokens)
