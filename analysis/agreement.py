@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for title, table in tables.items():
         print(f"\n== {title} ==\n{table.to_string(index=False)}")
     if args.out:
-        doc = {"sources": {n: [str(p) for p in r.manifest.get("merged_from", [r.path])] for n, r in policies.items()},
+        doc = {"sources": {n: r.manifest["merged_from"] for n, r in policies.items()},  # set by merge_runs
                **{k: t.to_dict(orient="records") for k, t in tables.items()},
                "solved": {key: [bool(v) for v in row] for key, row in solved.drop(columns="task_id").iterrows()}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
