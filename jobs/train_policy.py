@@ -56,6 +56,10 @@ PROCESSOR_FIELDS = ("agentview_crop",)
 PHASES = ("main", "draft", "done")
 
 
+# where the auxiliary goal-offset regression reads from (TrainPolicyConfig.goal_offset_source)
+GOAL_OFFSET_SOURCES = ("block0", "keypoints", "keypoints+wrist")
+
+
 def default_model() -> RSDConfig:
     """Sized for minutes on a CPU core (~1.2 s per batch of 32 on one shared core): 64x64 images in
     8x8 patches (2 x 64 patches), 64 instruction bytes (check_instructions refuses a length that
@@ -111,7 +115,9 @@ class TrainPolicyConfig:
     # Where that regression reads from: block0 (GoalOffsetHead, the block-0 hidden states) or
     # keypoints (KeypointOffsetHead: the agentview's spatial-softmax keypoints, the proprio and which
     # instruction, so the loss trains the keypoint CNN to find the objects in the agentview; needs
-    # model.keypoints > 0).
+    # model.keypoints > 0), or keypoints+wrist (PerCameraOffsetHeads: that head and a second one
+    # reading the wrist camera's keypoints alone, so the same CNN also learns where the object is
+    # relative to the hand, to the centimetre a grasp inside a bowl needs).
     goal_offset_source: str = "block0"
     # > 0: validate, select and ship an exponential moving average of the weights (this decay per
     # step) instead of the raw ones. Closed-loop success of raw weights swung 41-56 / 100 between
@@ -168,11 +174,15 @@ class TrainPolicyConfig:
             raise ValueError(f"train_policy: shift_px={self.shift_px}, shift_px_per_camera={self.shift_px_per_camera}; "
                              f"expected shift_px >= 0 and [] or one range >= 0 per camera "
                              f"({self.model.num_cameras}: agentview, wrist)")
-        if self.goal_offset_source not in ("block0", "keypoints"):
-            raise ValueError(f"train_policy: goal_offset_source={self.goal_offset_source!r}; expected block0 or keypoints")
-        if self.goal_offset_source == "keypoints" and not self.model.keypoints:
-            raise ValueError("train_policy: goal_offset_source=keypoints needs a model with keypoints; set "
-                             "--model.keypoints=K (e.g. 16)")
+        if self.goal_offset_source not in GOAL_OFFSET_SOURCES:
+            raise ValueError(f"train_policy: goal_offset_source={self.goal_offset_source!r}; expected one of "
+                             f"{', '.join(GOAL_OFFSET_SOURCES)}")
+        if self.goal_offset_source != "block0" and not self.model.keypoints:
+            raise ValueError(f"train_policy: goal_offset_source={self.goal_offset_source} needs a model with keypoints; "
+                             f"set --model.keypoints=K (e.g. 16)")
+        if self.goal_offset_source == "keypoints+wrist" and self.model.num_cameras < 2:
+            raise ValueError(f"train_policy: goal_offset_source=keypoints+wrist needs the wrist camera; the model has "
+                             f"num_cameras={self.model.num_cameras}")
         if self.goal_offset_weight < 0:
             raise ValueError(f"train_policy: goal_offset_weight={self.goal_offset_weight}; expected >= 0 (0: off)")
         if self.draft_steps < 0:
@@ -229,6 +239,20 @@ def load_samples(data: list[str], replace_tasks_from: list[str]):
     print(f"[train_policy] tasks {sorted(replaced)} from {replace_tasks_from} only: "
           f"{keep.count(False)} of their samples in --data dropped")
     return pa.concat_tables([table.filter(pa.array(keep)), newer])
+
+
+def make_offset_head(config: TrainPolicyConfig, instructions: torch.Tensor) -> torch.nn.Module:
+    """The training-only readout of goal_offsets that config.goal_offset_source names;
+    `instructions` are the data's distinct instruction_ids rows."""
+    from rsd_ray.policy.training import GoalOffsetHead, KeypointOffsetHead, PerCameraOffsetHeads
+
+    if config.goal_offset_source == "block0":
+        return GoalOffsetHead(config.model.hidden_size)
+    m = config.model
+    agentview = KeypointOffsetHead(m.keypoints, m.proprio_dim, instructions, camera=0)
+    if config.goal_offset_source == "keypoints":
+        return agentview
+    return PerCameraOffsetHeads([agentview, KeypointOffsetHead(m.keypoints, m.proprio_dim, instructions, camera=1)])
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -292,12 +316,13 @@ def _versions() -> dict[str, str]:
 @torch.no_grad()
 def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, offset_head=None) -> dict[str, Any]:
     """Teacher-forced cross-entropy and token accuracy per RFSQ layer on rows `index`; with
-    `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows."""
+    `offset_head`, also the RMS error (cm) of its goal-object xy readout on the labelled rows (of
+    the wrist head's too, `wrist_object_xy_rmse_cm`, where it has one)."""
     from rsd_ray.policy.training import GOAL_OFFSET_SCALE_M, labelled_rows, teacher_forced_logits, token_losses
 
     model.eval()
     ce_sum = acc_sum = 0.0
-    sq_err, num_labelled = 0.0, 0
+    sq_err, wrist_sq_err, num_labelled = 0.0, 0.0, 0
     for lo in range(0, len(index), batch_size):
         idx = index[lo:lo + batch_size]
         images, ids, mask, proprio, tokens = demos.batch(idx)
@@ -312,6 +337,8 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
                 head_inputs = offset_head.inputs(model, images, ids, proprio, h0)
                 pred = offset_head(*(x[labelled] for x in head_inputs)) * GOAL_OFFSET_SCALE_M
                 sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
+                if pred.shape[1] == 12:      # PerCameraOffsetHeads: agentview, then wrist
+                    wrist_sq_err += float(((pred[:, 6:8] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
                 num_labelled += int(labelled.sum())
     model.train()
     n = max(1, len(index))
@@ -319,6 +346,8 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
            "acc_per_layer": [round(float(v), 4) for v in acc_sum / n]}
     if num_labelled:
         out["object_xy_rmse_cm"] = round(100 * (sq_err / num_labelled) ** 0.5, 3)
+        if wrist_sq_err:
+            out["wrist_object_xy_rmse_cm"] = round(100 * (wrist_sq_err / num_labelled) ** 0.5, 3)
     return out
 
 
@@ -390,7 +419,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
     from rsd_ray.policy.training import (action_chunks, build_demo_tensors, check_instructions, drop_cameras,
                                          draft_teacher_forced_logits, goal_offset_loss, main_model_targets,
                                          labelled_rows, proprio_stats, samples_fingerprint, sort_samples,
-                                         teacher_forced_logits, token_losses, GoalOffsetHead, KeypointOffsetHead)
+                                         teacher_forced_logits, token_losses)
 
     torch.set_num_threads(config.num_threads)
     wall_start = time.perf_counter()
@@ -466,9 +495,7 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                              f"jobs/collect_demos.py (privileged state), or set goal_offset_weight=0")
         print(f"[train_policy] goal-offset auxiliary loss (weight {config.goal_offset_weight}, from "
               f"{config.goal_offset_source}) on {num_labelled} of {len(train_idx)} training samples")
-        offset_head = (KeypointOffsetHead(config.model.keypoints, config.model.proprio_dim,
-                                          torch.unique(demos.instruction_ids, dim=0))
-                       if config.goal_offset_source == "keypoints" else GoalOffsetHead(config.model.hidden_size))
+        offset_head = make_offset_head(config, torch.unique(demos.instruction_ids, dim=0))
     trained = list(model.parameters()) + (list(offset_head.parameters()) if offset_head is not None else [])
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     ema = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -547,8 +574,9 @@ def train_policy(config: TrainPolicyConfig, command: str | None = None) -> dict[
                 if len(val_idx):
                     ev = evaluate_tokens(scored, demos, val_idx, offset_head=offset_head)
                     row.update(val_ce=ev["ce"], val_ce_per_layer=ev["ce_per_layer"], val_acc_per_layer=ev["acc_per_layer"])
-                    if "object_xy_rmse_cm" in ev:
-                        row["val_object_xy_rmse_cm"] = ev["object_xy_rmse_cm"]
+                    for key in ("object_xy_rmse_cm", "wrist_object_xy_rmse_cm"):
+                        if key in ev:
+                            row[f"val_{key}"] = ev[key]
                     row["val_loss"] = float((torch.tensor(ev["ce_per_layer"]) * weights).sum())
                     if config.keep_best and (best is None or row["val_loss"] < best["val_loss"]):
                         best = {"step": done, "val_loss": row["val_loss"],

@@ -47,9 +47,11 @@ def square_image(x: int, y: int, rng) -> np.ndarray:
     return image
 
 
-def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0, goal_offsets: bool = False) -> Path:
+def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0, goal_offsets: bool = False,
+                     square_camera: str = "agentview") -> Path:
     """A run directory with episode rows (all successes) and SAMPLE_SCHEMA samples. goal_offsets:
-    each agentview shows a square whose position the sample's goal_offsets encode (learnable)."""
+    each image of `square_camera` (agentview or wrist) shows a square whose position the sample's
+    goal_offsets encode (learnable); the other camera shows noise."""
     spec = SyntheticRun(run_id, mode="autoregressive", num_tasks=NUM_TASKS, num_trials=NUM_TRIALS,
                         num_chunks=NUM_CHUNKS, success_prob=1.0, write_chunks=False, seed=seed)
     run_dir = write_run(root, spec)
@@ -63,10 +65,13 @@ def write_sample_run(root: Path, run_id: str = "demos", seed: int = 0, goal_offs
             x, y = (int(v) for v in rng.integers(0, 36, 2))
             agentview = square_image(x, y, rng) if goal_offsets else rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
             offsets = [(x - 18) / 100, (y - 18) / 100, 0.05, 0.1, -0.1, 0.0] if goal_offsets else None
+            wrist = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            if square_camera == "wrist":
+                agentview, wrist = wrist, agentview
             rows.append({"run_id": run_id, "episode_key": key, "suite": suite, "task_id": int(task),
                          "trial": int(trial), "chunk_index": c, "step": 8 * c, "instruction": TASK_NAMES[int(task)],
                          "agentview_png": _png(agentview), "goal_offsets": offsets,
-                         "wrist_png": _png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
+                         "wrist_png": _png(wrist),
                          "proprio": rng.normal(size=8).astype(np.float32).tolist(),
                          "action_chunk": chunks[e * NUM_CHUNKS + c].reshape(-1).tolist(),
                          "num_actions_executed": 8, "episode_success": True})
@@ -624,6 +629,38 @@ def test_keypoints_grow_from_zero_and_learn_where_the_square_is(tmp_path):
     assert len(val_rmse) == 2 and val_rmse[-1] < 8.0, val_rmse
     with pytest.raises(ValueError, match="goal_offset_source=keypoints needs a model with keypoints"):
         train_config(labelled, tmp_path, "aux_no_keypoints", goal_offset_weight=1.0, goal_offset_source="keypoints")
+
+
+def test_wrist_keypoint_head_reads_the_wrist_camera_alone(tmp_path):
+    """--goal_offset_source=keypoints+wrist adds a head on the wrist camera's keypoints: with the
+    square shown to the wrist camera only, the wrist head locates it (held-out xy error well below an
+    image-blind readout's ~15 cm) while the agentview head, reading noise, cannot; so each head reads
+    its own camera and the loss reaches the shared keypoint CNN through the wrist images."""
+    from train_policy import train_policy
+
+    from rsd_ray.policy.training import KeypointOffsetHead, PerCameraOffsetHeads, goal_offset_loss
+
+    wrist_run = write_sample_run(tmp_path / "wrist", run_id="wrist", seed=5, goal_offsets=True, square_camera="wrist")
+    model = tiny_model(keypoints=4)
+    run = train_policy(train_config(wrist_run, tmp_path, "aux_wrist", model=model, goal_offset_weight=1.0,
+                                    goal_offset_source="keypoints+wrist", shift_px=0, steps=150, eval_every=75,
+                                    save_every=75, draft_steps=2, lr=3e-3))
+    last = [h for h in run["history"] if "val_ce" in h][-1]
+    assert last["val_wrist_object_xy_rmse_cm"] < 8.0 < last["val_object_xy_rmse_cm"], last
+    # each prediction is regressed to the same label: a perfect wrist half and a zero agentview
+    # half give half the zero readout's loss
+    offsets = torch.tensor([[0.1, -0.2, 0.05, 0.0, 0.3, 0.0]])
+    both = torch.cat([torch.zeros(1, 6), offsets / 0.1], dim=1)
+    loss, n = goal_offset_loss(lambda x: x, (both,), offsets)
+    assert n == 1 and float(loss) == pytest.approx(float((offsets / 0.1).square().mean()) / 2)
+    instructions = torch.zeros(1, 4, dtype=torch.long)
+    heads = PerCameraOffsetHeads([KeypointOffsetHead(2, 8, instructions), KeypointOffsetHead(2, 8, instructions, camera=1)])
+    keypoints, proprio = torch.rand(3, 2, 2), torch.randn(3, 8)
+    out = heads(keypoints, proprio, instructions.expand(3, -1), keypoints.flip(0), proprio, instructions.expand(3, -1))
+    assert out.shape == (3, 12) and torch.equal(out[:, 6:], heads.heads[1](keypoints.flip(0), proprio, instructions.expand(3, -1)))
+    with pytest.raises(ValueError, match="needs the wrist camera"):
+        train_config(wrist_run, tmp_path, "aux_one_camera", model=tiny_model(keypoints=4, num_cameras=1),
+                     goal_offset_weight=1.0, goal_offset_source="keypoints+wrist")
 
 
 def test_keypoint_offset_head_tells_instructions_apart_and_refuses_unknown_ones():

@@ -233,8 +233,10 @@ class KeypointOffsetHead(nn.Module):
     because it alone says *which* of a scene's two black bowls is the goal object; an embedding per
     distinct instruction of the training data is enough for a head that never leaves training."""
 
-    def __init__(self, num_keypoints: int, proprio_dim: int, instructions: torch.Tensor, width: int = 128):
+    def __init__(self, num_keypoints: int, proprio_dim: int, instructions: torch.Tensor, width: int = 128,
+                 camera: int = 0):
         super().__init__()
+        self.camera = camera
         # the distinct instruction_ids rows of the data (torch.unique: sorted, so a resumed run
         # rebuilds the same order); not saved with the head, the data re-supplies them
         self.register_buffer("instructions", instructions.clone(), persistent=False)
@@ -242,30 +244,57 @@ class KeypointOffsetHead(nn.Module):
         self.instruction = nn.Embedding(len(instructions), width)
         self.readout = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 6))
 
-    @staticmethod
-    def inputs(model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor, proprio: torch.Tensor,
+    def inputs(self, model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor, proprio: torch.Tensor,
                block0_hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Keypoints of camera 0 only (computed again: a few ms against the backbone's pass)."""
-        return model.keypoints(images[:, :1])[:, 0], proprio[:, :model.config.proprio_dim], instruction_ids
+        """Keypoints of this head's camera only (computed again: a few ms against the backbone's pass)."""
+        one_camera = images[:, self.camera:self.camera + 1]
+        return model.keypoints(one_camera)[:, 0], proprio[:, :model.config.proprio_dim], instruction_ids
 
-    def forward(self, agentview_keypoints: torch.Tensor, proprio: torch.Tensor,
-                instruction_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, keypoints: torch.Tensor, proprio: torch.Tensor, instruction_ids: torch.Tensor) -> torch.Tensor:
         match = (instruction_ids[:, None, :] == self.instructions[None]).all(dim=-1)       # [B, n]
         if not match.any(dim=1).all():
             raise ValueError("KeypointOffsetHead: an instruction that is not among the training data's")
-        x = self.observation(torch.cat([agentview_keypoints.flatten(1), proprio], dim=1))
+        x = self.observation(torch.cat([keypoints.flatten(1), proprio], dim=1))
         return self.readout(x + self.instruction(match.float().argmax(dim=1)))
+
+
+class PerCameraOffsetHeads(nn.Module):
+    """Training-only: one KeypointOffsetHead per camera, each reading its own camera's keypoints
+    alone; predictions side by side, [B, 6 * cameras], every one regressed to the same goal offsets
+    (goal_offset_loss tiles the label).
+
+    The wrist head is there for the grasp of tasks 4 and 9 of libero_spatial, where the policy's hand
+    ends 2-4 cm off the bowl's centre (bench/results/episode_sheet_v16_libero_spatial_9_30.json):
+    the agentview head trains the shared keypoint CNN to find the objects in a fixed frame, and a
+    third-person camera 64 px wide resolves a bowl to about a centimetre at best, while the wrist
+    camera sees the bowl large and relative to the hand, which is what the last centimetre needs."""
+
+    def __init__(self, heads: list[KeypointOffsetHead]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def inputs(self, model: RSDModel, images: torch.Tensor, instruction_ids: torch.Tensor, proprio: torch.Tensor,
+               block0_hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x for head in self.heads for x in head.inputs(model, images, instruction_ids, proprio, block0_hidden))
+
+    def forward(self, *head_inputs: torch.Tensor) -> torch.Tensor:
+        per_head = len(head_inputs) // len(self.heads)
+        return torch.cat([head(*head_inputs[i * per_head:(i + 1) * per_head]) for i, head in enumerate(self.heads)],
+                         dim=1)
 
 
 def goal_offset_loss(head: nn.Module, head_inputs: tuple[torch.Tensor, ...], offsets: torch.Tensor
                      ) -> tuple[torch.Tensor, int]:
     """Mean squared error in 10 cm units of `head(*head_inputs)` over the labelled rows of the
-    batch; (0, 0) if none."""
+    batch; (0, 0) if none. A head that predicts the offsets several times side by side
+    (PerCameraOffsetHeads) has each prediction regressed to the same label."""
     labelled = labelled_rows(offsets)
     if not labelled.any():
         return sum(p.sum() for p in head.parameters()) * 0.0, 0
     pred = head(*(x[labelled] for x in head_inputs))
     target = offsets[labelled].to(pred.dtype) / GOAL_OFFSET_SCALE_M
+    if pred.shape[1] != target.shape[1]:
+        target = target.repeat(1, pred.shape[1] // target.shape[1])
     return F.mse_loss(pred, target), int(labelled.sum())
 
 
