@@ -17,7 +17,10 @@ Training (`training.build_demo_tensors`) and evaluation (`RSDPolicy`) both compu
 
 Measured so far (libero_spatial init states 30-39, v5 fine-tuned 36 min on the same 368
 demonstrations with and without it): 42/100 vs 41/100, task 9 still 0/10; no measurable gain at
-that budget (`bench/results/default_policy_v6_vs_v6f_trials30-39_cpu/`). Off by default.
+that budget (`bench/results/default_policy_v6_vs_v6f_trials30-39_cpu/`). Off by default for new
+models; the shipped default (v20) has it, grown onto v18 together with two other changes, and
+gains on task 4 (44 to 78 % over 50 trials) but not on task 9 (46 to 40 %), so it does not yet cure
+the stall above on its own (docs/DEFAULT_POLICY.md).
 """
 from __future__ import annotations
 
