@@ -322,7 +322,8 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
 
     model.eval()
     ce_sum = acc_sum = 0.0
-    sq_err, wrist_sq_err, num_labelled = 0.0, 0.0, 0
+    sq_err_per_head: list[float] = []       # goal-object xy, one per 6-wide prediction (agentview, wrist)
+    num_labelled = 0
     for lo in range(0, len(index), batch_size):
         idx = index[lo:lo + batch_size]
         images, ids, mask, proprio, tokens = demos.batch(idx)
@@ -336,18 +337,17 @@ def evaluate_tokens(model, demos, index: torch.Tensor, batch_size: int = 64, off
             if labelled.any():
                 head_inputs = offset_head.inputs(model, images, ids, proprio, h0)
                 pred = offset_head(*(x[labelled] for x in head_inputs)) * GOAL_OFFSET_SCALE_M
-                sq_err += float(((pred[:, :2] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
-                if pred.shape[1] == 12:      # PerCameraOffsetHeads: agentview, then wrist
-                    wrist_sq_err += float(((pred[:, 6:8] - offsets[labelled, :2]) ** 2).sum(dim=1).sum())
+                per_head = pred.unflatten(1, (-1, 6))[:, :, :2] - offsets[labelled, None, :2]   # [n, heads, 2]
+                errors = per_head.square().sum(dim=(0, 2)).tolist()
+                sq_err_per_head = [a + b for a, b in zip(sq_err_per_head, errors)] if sq_err_per_head else errors
                 num_labelled += int(labelled.sum())
     model.train()
     n = max(1, len(index))
     out = {"ce": float((ce_sum / n).mean()), "ce_per_layer": [round(float(v), 4) for v in ce_sum / n],
            "acc_per_layer": [round(float(v), 4) for v in acc_sum / n]}
     if num_labelled:
-        out["object_xy_rmse_cm"] = round(100 * (sq_err / num_labelled) ** 0.5, 3)
-        if wrist_sq_err:
-            out["wrist_object_xy_rmse_cm"] = round(100 * (wrist_sq_err / num_labelled) ** 0.5, 3)
+        for key, sq_err in zip(("object_xy_rmse_cm", "wrist_object_xy_rmse_cm"), sq_err_per_head):
+            out[key] = round(100 * (sq_err / num_labelled) ** 0.5, 3)
     return out
 
 
